@@ -1,0 +1,182 @@
+"""2-D convolution (NHWC x HWIO, no bias) with implementations that are fast on XLA:CPU.
+
+XLA:CPU lowers `lax.conv_general_dilated` well for the forward pass, but its kernel (weight)
+gradient is pathologically slow (about 1 s per NIN layer at batch 128 on 2 cores). The
+matmul-based implementations here compute the same math as plain GEMMs, so that forward,
+input-gradient and weight-gradient all run at matmul speed:
+
+* ``"im2col"``: gather the k*k shifted windows of the padded input by slicing and concatenate
+  them along channels -> patches ``(B*Ho*Wo, k*k*cin)``; one GEMM with the kernel reshaped to
+  ``(k*k*cin, cout)``. Its autodiff is again GEMMs plus slice/pad/add: ``dW = patches^T @ g``
+  and ``dX = col2im(g @ W^T)``. One big contraction (k*k*cin) keeps the GEMM efficient even for
+  cin=3.
+* ``"taps"``: the sum over the k*k taps of ``x_shifted @ W[tap]`` with a ``jax.custom_vjp``
+  whose backward is also per-tap matmuls (``dX`` = sum of shifted ``g @ W[tap]^T``,
+  ``dW[tap] = x_shifted^T @ g``). Never materialises the patch matrix, but the contractions are
+  only cin long.
+* ``"rows"``: middle ground: for each of the k kernel rows, concatenate its k taps along
+  channels and do one GEMM with contraction k*cin; the k row results are summed.
+
+Strides > 1 are reduced to stride 1 by space-to-depth (an s x s pixel block becomes s*s*cin
+channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so every
+impl handles any stride; e.g. 11x11/4 on 3 channels becomes 3x3/1 on 48 channels. ``k == 1``
+is a single channel matmul for every non-"xla" impl. ``"auto"`` picks ``"im2col"`` on CPU and
+``"xla"`` (the native, well-tuned convolution) on GPU/TPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("xla", "im2col", "taps", "rows")
+CHOICES = ("auto",) + IMPLS
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """Map ``impl`` (one of `CHOICES`) to a concrete implementation for ``backend``."""
+    if impl not in CHOICES:
+        raise ValueError(f"conv impl {impl!r} is not one of {CHOICES} (config.model.conv_impl)")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return "im2col" if backend == "cpu" else "xla"
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
+           impl: str = "auto") -> jax.Array:
+    """Cross-correlation of NHWC ``x`` with HWIO ``kernel`` (square k x k), symmetric zero padding.
+
+    Output size is ``(H + 2*padding - k) // stride + 1`` per spatial dim (floor, like
+    `lax.conv_general_dilated` with explicit padding). Output dtype follows `jnp` promotion.
+    """
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(f"conv2d wants x NHWC and kernel HWIO, got shapes {x.shape} and {kernel.shape}")
+    k, k2, cin, _ = kernel.shape
+    if k != k2:
+        raise ValueError(f"conv2d supports square kernels only, got kernel shape {kernel.shape}")
+    if x.shape[-1] != cin:
+        raise ValueError(f"input has {x.shape[-1]} channels but kernel expects {cin} (kernel {kernel.shape})")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"conv2d needs stride >= 1 and padding >= 0, got stride={stride} padding={padding}")
+    for size in x.shape[1:3]:
+        if size + 2 * padding < k:
+            raise ValueError(f"kernel {k} larger than padded input {size}+2*{padding} (x {x.shape})")
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return lax.conv_general_dilated(
+            x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dtype = jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if stride > 1:
+        x, kernel, out_hw = _space_to_depth(x, kernel, stride, padding)
+        return _CONV_S1[impl](x, kernel, 0)[:, :out_hw[0], :out_hw[1], :]
+    return _CONV_S1[impl](x, kernel, padding)
+
+
+def _space_to_depth(x: jax.Array, kernel: jax.Array, s: int, padding: int
+                    ) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
+    """Rewrite a stride-s conv as a stride-1 conv on s x s pixel blocks (exact, zero taps added).
+
+    Output pixel o reads padded rows o*s + i, i < k. Padding k up to k' = ceil(k/s)*s and writing
+    i = s*a + r turns that into block row o + a, in-block row r: a stride-1 conv with kernel
+    k'/s over s*s*cin channels. The returned conv yields >= the wanted output size; crop it.
+    """
+    b, h, w, cin = x.shape
+    k, _, _, cout = kernel.shape
+    out_hw = tuple((n + 2 * padding - k) // s + 1 for n in (h, w))
+    kb = -(-k // s)  # kernel size in blocks
+    # Blocks needed so that the last output's window (rows up to (o-1)*s + kb*s) exists.
+    nb = tuple(o - 1 + kb for o in out_hw)
+    hi = tuple(nb_i * s - n - padding for nb_i, n in zip(nb, (h, w)))  # may be negative: crop
+    x = lax.pad(x, jnp.zeros((), x.dtype),
+                ((0, 0, 0), (padding, hi[0], 0), (padding, hi[1], 0), (0, 0, 0)))
+    x = x.reshape(b, nb[0], s, nb[1], s, cin).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, nb[0], nb[1], s * s * cin)
+    kernel = jnp.pad(kernel, ((0, kb * s - k), (0, kb * s - k), (0, 0), (0, 0)))
+    kernel = kernel.reshape(kb, s, kb, s, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    kernel = kernel.reshape(kb, kb, s * s * cin, cout)
+    return x, kernel, out_hw
+
+
+def _pad_hw(x: jax.Array, lo: int, hi: int | None = None) -> jax.Array:
+    """Zero-pad (negative: crop) the two spatial dims of NHWC ``x``."""
+    hi = lo if hi is None else hi
+    return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo, hi, 0), (lo, hi, 0), (0, 0, 0)))
+
+
+def _window(xp: jax.Array, i: int, j: int, out_h: int, out_w: int) -> jax.Array:
+    return lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + out_h, j + out_w, xp.shape[3]))
+
+
+def _matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """Channel matmul ``(b, h, w, c) @ (c, d)``: a plain GEMM over b*h*w rows."""
+    return jnp.einsum("bhwc,cd->bhwd", a, w)
+
+
+def _im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    k, _, cin, cout = kernel.shape
+    if k == 1:
+        return _matmul(_pad_hw(x, padding), kernel.reshape(cin, cout))
+    xp = _pad_hw(x, padding)
+    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    # Tap order (i, j, c) matches kernel.reshape(k*k*cin, cout).
+    patches = jnp.concatenate(
+        [_window(xp, i, j, out_h, out_w) for i in range(k) for j in range(k)], axis=-1)
+    return _matmul(patches, kernel.reshape(k * k * cin, cout))
+
+
+def _rows(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    k, _, cin, cout = kernel.shape
+    xp = _pad_hw(x, padding)
+    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    out = None
+    for i in range(k):
+        row = jnp.concatenate([_window(xp, i, j, out_h, out_w) for j in range(k)], axis=-1)
+        y = _matmul(row, kernel[i].reshape(k * cin, cout))
+        out = y if out is None else out + y
+    return out
+
+
+def _taps_sum(xp: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Valid stride-1 conv of pre-padded ``xp`` as a sum of k*k shifted channel matmuls."""
+    k = kernel.shape[0]
+    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    out = None
+    for i in range(k):
+        for j in range(k):
+            y = _matmul(_window(xp, i, j, out_h, out_w), kernel[i, j])
+            out = y if out is None else out + y
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _taps(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    return _taps_sum(_pad_hw(x, padding), kernel)
+
+
+def _taps_fwd(x, kernel, padding):
+    return _taps(x, kernel, padding), (x, kernel)
+
+
+def _taps_bwd(padding, res, g):
+    x, kernel = res
+    k = kernel.shape[0]
+    # dX is the full correlation of g with the flipped, transposed kernel; padding g by
+    # k-1-padding (negative = crop) yields exactly x's spatial extent.
+    dx = _taps_sum(_pad_hw(g, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    xp = _pad_hw(x, padding)
+    out_h, out_w = g.shape[1], g.shape[2]
+    dk = jnp.stack([
+        jnp.einsum("bhwc,bhwd->cd", _window(xp, i, j, out_h, out_w), g)
+        for i in range(k) for j in range(k)]).reshape(kernel.shape)
+    return dx, dk
+
+
+_taps.defvjp(_taps_fwd, _taps_bwd)
+
+_CONV_S1 = {"im2col": _im2col, "taps": _taps, "rows": _rows}

@@ -1,0 +1,95 @@
+"""conv_ops: every implementation matches XLA's convolution in value and in both gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nin_jax import conv_ops
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+    # Many tiny programs: XLA's optimisation passes dominate run time and are not under test.
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+# (batch, height, width, cin, cout, kernel, stride, padding): the NIN layer kinds in small sizes.
+SHAPES = [
+    (2, 9, 9, 3, 8, 5, 1, 2),     # CIFAR conv1: 5x5 pad 2, cin=3, odd size
+    (2, 8, 7, 6, 5, 5, 1, 2),     # conv2-like, non-square input
+    (2, 5, 5, 4, 6, 3, 1, 1),     # conv3: 3x3 pad 1
+    (1, 7, 7, 1, 4, 3, 1, 0),     # cin=1 (MNIST), no padding
+    (2, 27, 27, 3, 4, 11, 4, 0),  # ImageNet conv1: 11x11 stride 4 pad 0
+    (2, 9, 10, 3, 4, 3, 2, 1),    # stride 2 with padding, odd sizes
+    (2, 6, 5, 4, 3, 1, 1, 0),     # 1x1
+    (1, 4, 4, 2, 3, 5, 1, 3),     # padding > k//2
+]
+
+
+def _reference_and_grads(impl, x, kernel, stride, padding, cotangent):
+    def loss(x, kernel):
+        y = conv_ops.conv2d(x, kernel, stride=stride, padding=padding, impl=impl)
+        return jnp.sum(y * cotangent), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, kernel)
+    return y, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}w{}c{}d{}k{}s{}p{}".format(*s))
+def test_impls_match_xla(shape):
+    b, h, w, cin, cout, k, stride, padding = shape
+    rng = np.random.default_rng(sum(shape))
+    x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / k, jnp.float32)
+    out = [(n + 2 * padding - k) // stride + 1 for n in (h, w)]
+    cotangent = jnp.asarray(rng.standard_normal((b, *out, cout)), jnp.float32)
+    y_ref, (dx_ref, dk_ref) = _reference_and_grads("xla", x, kernel, stride, padding, cotangent)
+    assert y_ref.shape == (b, *out, cout)
+    for impl in conv_ops.IMPLS[1:]:
+        y, (dx, dk) = _reference_and_grads(impl, x, kernel, stride, padding, cotangent)
+        assert y.shape == y_ref.shape and y.dtype == jnp.float32, impl
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} value")
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d/dx")
+        np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d/dkernel")
+
+
+def test_eager_matches_jit_and_auto_resolves():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 6, 6, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.float32)
+    eager = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl="auto")
+    jitted = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=1, padding=1, impl="auto"))(x, kernel)
+    np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
+    assert conv_ops.resolve_impl("auto", "cpu") == "im2col"
+    assert conv_ops.resolve_impl("auto", "gpu") == "xla"
+    assert conv_ops.resolve_impl("auto", "tpu") == "xla"
+    assert conv_ops.resolve_impl("taps", "tpu") == "taps"
+
+
+def test_bfloat16_follows_input_dtype():
+    x = jnp.ones((1, 5, 5, 2), jnp.bfloat16)
+    kernel = jnp.ones((3, 3, 2, 4), jnp.bfloat16)
+    for impl in conv_ops.IMPLS:
+        y = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl=impl)
+        assert y.dtype == jnp.bfloat16, impl
+        assert float(y[0, 2, 2, 0]) == 18.0 and float(y[0, 0, 0, 0]) == 8.0, impl
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(impl="fast"), "config.model.conv_impl"),
+    (dict(stride=0), "stride"),
+    (dict(padding=-1), "padding"),
+])
+def test_bad_arguments_raise(kwargs, match):
+    x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 1))
+    args = dict(stride=1, padding=1, impl="im2col") | kwargs
+    with pytest.raises(ValueError, match=match):
+        conv_ops.conv2d(x, kernel, **args)
+
+
+def test_channel_mismatch_raises():
+    with pytest.raises(ValueError, match="channels"):
+        conv_ops.conv2d(jnp.ones((1, 4, 4, 3)), jnp.ones((3, 3, 2, 1)), stride=1, padding=1, impl="xla")
