@@ -1,0 +1,212 @@
+"""The NIN modules: exact presets, shapes, GAP semantics, ablation switches and bad-input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nin_jax import architectures, models
+
+PAPER_PARAMS = {
+    "nin_cifar10": 966_986,
+    "nin_cifar100": 984_356,
+    "nin_svhn": 1_986_026,
+    "nin_mnist": 349_674,
+    "nin_imagenet": 7_595_176,
+}
+
+
+def _init_shapes(cfg, num_classes, input_shape):
+    model = models.create_model(cfg, num_classes)
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    return model, variables
+
+
+@pytest.mark.parametrize("arch", sorted(PAPER_PARAMS))
+def test_preset_has_the_papers_parameter_count(arch):
+    preset = architectures.PRESETS[arch]
+    model, variables = _init_shapes(models.preset_config(arch), preset["num_classes"], preset["input_shape"])
+    assert models.count_params(variables["params"]) == PAPER_PARAMS[arch]
+    # The analytic table agrees with the built module.
+    rows = models.model_layer_table(model, preset["input_shape"])
+    assert sum(r.params for r in rows) == PAPER_PARAMS[arch]
+
+
+def test_imagenet_preset_is_29_mib_and_1_1_gmacs():
+    preset = architectures.PRESETS["nin_imagenet"]
+    rows = architectures.layer_table(preset["blocks"], preset["input_shape"], num_classes=1000)
+    assert sum(r.params for r in rows) * 4 / 2**20 == pytest.approx(28.97, abs=0.01)
+    assert architectures.forward_flops_per_image(rows) / 2 == pytest.approx(1.10e9, rel=0.01)
+
+
+def test_feature_map_sizes_follow_caffe_ceil_pooling():
+    cifar = architectures.layer_table(architectures.PRESETS["nin_cifar10"]["blocks"], (32, 32, 3), num_classes=10)
+    assert [r.out_shape[0] for r in cifar if r.name.startswith("pool")] == [16, 8]
+    imnet = architectures.layer_table(architectures.PRESETS["nin_imagenet"]["blocks"], (224, 224, 3), num_classes=1000)
+    assert [r.out_shape[0] for r in imnet if r.name == "conv1" or r.name.startswith("pool")] == [54, 27, 13, 6]
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    model = models.create_model(models.preset_config("nin_digits"), 10)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    return model, variables, x
+
+
+def test_output_shapes_and_gap_logits_are_class_map_means(digits_model):
+    model, variables, x = digits_model
+    logits, maps = model.apply(variables, x, train=False, return_class_maps=True)
+    assert logits.shape == (4, 10) and logits.dtype == jnp.float32
+    assert maps.shape == (4, 2, 2, 10)
+    np.testing.assert_allclose(logits, maps.mean(axis=(1, 2)), rtol=1e-6, atol=1e-6)
+    assert (maps >= 0).all()  # the class maps keep their ReLU by default
+
+
+def test_class_map_relu_can_be_switched_off():
+    cfg = models.preset_config("nin_digits", class_map_relu=False)
+    model = models.create_model(cfg, 10)
+    x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, maps = model.apply(variables, x, train=False, return_class_maps=True)
+    assert (maps < 0).any()
+
+
+def test_dropout_is_off_in_eval_and_on_in_training(digits_model):
+    model, variables, x = digits_model
+    a = model.apply(variables, x, train=False)
+    b = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(a, b)
+    t1 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    t2 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(t1, t2)
+
+
+def test_batch_norm_uses_batch_statistics_in_training_and_running_averages_in_eval():
+    model = models.create_model(models.preset_config("nin_digits", batch_norm=True, dropout_rate=0.0), 10)
+    x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert "batch_stats" in variables
+    # Training mode: output depends on the other examples in the batch, and running stats move.
+    out_full, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    out_half, _ = model.apply(variables, x[:8], train=True, mutable=["batch_stats"])
+    assert not np.allclose(out_full[:8], out_half, atol=1e-5)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), updates["batch_stats"], variables["batch_stats"])
+    assert max(jax.tree.leaves(moved)) > 0
+    # Eval mode: each example is processed independently of the batch.
+    e_full = model.apply(variables, x, train=False)
+    e_half = model.apply(variables, x[:8], train=False)
+    np.testing.assert_allclose(e_full[:8], e_half, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_replaces_conv_bias():
+    model, variables = _init_shapes(models.preset_config("nin_cifar10", batch_norm=True), 10, (32, 32, 3))
+    block = variables["params"]["block1"]
+    assert "bias" not in block["conv"] and set(block["bn0"]) == {"scale", "bias"}
+
+
+def test_plain_conv_ablation_has_no_1x1_layers():
+    cfg = models.preset_config("nin_cifar10", mlp_layers=0)
+    model, variables = _init_shapes(cfg, 10, (32, 32, 3))
+    names = {k for block in variables["params"].values() for k in block}
+    assert names == {"conv"}
+    # conv1 3->96 5x5, conv2 96->192 5x5, conv3 192->10 3x3 (each block keeps its output width).
+    expected = (5 * 5 * 3 * 96 + 96) + (5 * 5 * 96 * 192 + 192) + (3 * 3 * 192 * 10 + 10)
+    assert models.count_params(variables["params"]) == expected
+
+
+def test_one_1x1_layer_keeps_the_conv_and_output_widths():
+    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", mlp_layers=1), 10)
+    assert [b.widths for b in blocks] == [(192, 96), (192, 192), (192, 10)]
+    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", mlp_layers=3), 10)
+    assert blocks[0].widths == (192, 160, 160, 96)
+
+
+@pytest.mark.parametrize(
+    "fc_input, expected",
+    [("class_maps", 966_986 + 10 * 8 * 8 * 10 + 10), ("features", 966_986 - 1_930 + 192 * 8 * 8 * 10 + 10)],
+)
+def test_fc_head_parameter_counts(fc_input, expected):
+    model, variables = _init_shapes(models.preset_config("nin_cifar10", head="fc", fc_input=fc_input), 10, (32, 32, 3))
+    assert models.count_params(variables["params"]) == expected
+    assert sum(r.params for r in models.model_layer_table(model, (32, 32, 3))) == expected
+
+
+def test_fc_head_dropout_is_active_only_in_training():
+    model = models.create_model(models.preset_config("nin_digits", head="fc", fc_dropout=0.5, dropout_rate=0.0), 10)
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    np.testing.assert_array_equal(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
+    t1 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    t2 = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(t1, t2)
+
+
+def test_width_multiplier_scales_hidden_channels_only():
+    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", width=0.5), 10)
+    assert [b.widths for b in blocks] == [(96, 80, 48), (96, 96, 96), (96, 96, 10)]
+
+
+def test_custom_block_list_sets_depth():
+    cfg = models.preset_config("nin_digits", blocks="3:32-32-32:max, 3:32-C")
+    model = models.create_model(cfg, 10)
+    assert [b.widths for b in model.blocks] == [(32, 32, 32), (32, 10)]
+    assert model.blocks[0].dropout and not model.blocks[1].dropout and model.blocks[1].pool is None
+    logits = model.apply(model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False),
+                         jnp.zeros((2, 8, 8, 1)), train=False)
+    assert logits.shape == (2, 10)
+
+
+def test_caffe_init_uses_the_original_stds():
+    model = models.create_model(models.preset_config("nin_cifar100", init="caffe"), 100)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    assert float(jnp.std(params["block1"]["conv"]["kernel"])) == pytest.approx(0.001, rel=0.05)
+    assert float(jnp.std(params["block2"]["conv"]["kernel"])) == pytest.approx(0.05, rel=0.05)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = models.create_model(models.preset_config("nin_digits"), 10, dtype=jnp.bfloat16)
+    x = jnp.ones((2, 8, 8, 1))
+    variables = model.init(jax.random.key(0), x, train=False)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+    assert model.apply(variables, x, train=False).dtype == jnp.float32
+
+
+def test_caffe_average_pooling_counts_only_in_bounds_pixels():
+    x = jnp.ones((1, 8, 8, 1))
+    assert models.caffe_pool(x, "avg").shape == (1, 4, 4, 1)
+    np.testing.assert_allclose(models.caffe_pool(x, "avg"), 1.0)  # border windows are not diluted by padding
+
+
+def test_output_layer_path_names_the_class_map_layer():
+    assert models.output_layer_path(models.create_model(models.preset_config("nin_cifar10"), 10)) == ("block3", "mlp2")
+    assert models.output_layer_path(
+        models.create_model(models.preset_config("nin_cifar10", mlp_layers=0), 10)) == ("block3", "conv")
+    assert models.output_layer_path(models.create_model(models.preset_config("nin_cifar10", head="fc"), 10)) == ("fc",)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(arch="nin_resnet"), "config.model.arch"),
+        (dict(mlp_layers=-2), "config.model.mlp_layers"),
+        (dict(width=0.0), "config.model.width"),
+        (dict(head="max"), "config.model.head"),
+        (dict(head="fc", fc_input="features", mlp_layers=0), "config.model.fc_input"),
+        (dict(blocks="3:32-32:max, 3:32-64"), "config.model.blocks"),  # GAP needs one map per class
+        (dict(blocks="3x32"), "config.model.blocks"),
+        (dict(fc_dropout=1.5, head="fc"), "config.model.fc_dropout"),
+        (dict(init="xavier"), "config.model.init"),
+    ],
+)
+def test_bad_model_config_names_the_field(overrides, field):
+    arch = overrides.pop("arch", "nin_digits")
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        models.create_model(models.preset_config(arch, **overrides), 10)
+
+
+def test_models_cli_prints_the_layer_table(capsys):
+    models.main(["--arch=nin_imagenet"])
+    out = capsys.readouterr().out
+    assert "cccp8" in out and "7,595,176" in out and "28.97 MiB" in out
