@@ -1,0 +1,52 @@
+"""Trains a NIN: `python -m nin_jax.main --config=configs/digits.py --workdir=/tmp/nin_digits`.
+
+Fields of the config can be overridden on the command line, e.g. `--config.model.head=fc`. Rerunning the
+same command with the same workdir resumes from the latest checkpoint.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, summaries and results.json.")
+config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging.logging.Filter):
+    """Keeps INFO chatter of Orbax and friends out of the training log (their warnings still show)."""
+
+    _NOISY = ("/orbax/", "/jax/_src/", "/clu/", "/tensorflow_datasets/")
+
+    def filter(self, record):
+        return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self._NOISY)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+    # Device setup must precede any other use of jax (hence the late imports).
+    from nin_jax import mesh
+
+    mesh.use_host_devices(config.num_cpu_devices)
+    mesh.maybe_initialize_distributed()
+    import jax
+
+    from nin_jax import train
+
+    logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
+    try:
+        train.train_and_evaluate(config, FLAGS.workdir)
+    except train.Preempted as e:
+        sys.exit(e.code)
+    except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,67 @@
+"""Devices and the data-parallel mesh."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def use_host_devices(count: int) -> None:
+    """Splits the CPU into `count` XLA devices, unless XLA_FLAGS already chose a count.
+
+    Several host devices let the data-parallel step use every core (measured on a 2-core CPU: 8 devices made
+    the NIN step ~1.6x faster than 1). Must run before jax initialises its backends; accelerators ignore it.
+    """
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    if count < 1:
+        raise ValueError(f"config.num_cpu_devices={count} must be >= 1.")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process run when one is configured.
+
+    TPU pods and SLURM/Cloud jobs are detected by `jax.distributed.initialize()` with no arguments; a local
+    multi-process run (see `launch/local_multiprocess.py`) passes JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID.
+    """
+    env = os.environ
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        jax.distributed.initialize(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(env["JAX_NUM_PROCESSES"]),
+            process_id=int(env["JAX_PROCESS_ID"]),
+        )
+    elif "TPU_WORKER_HOSTNAMES" in env or "TPU_ACCELERATOR_TYPE" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env:
+        # A multi-worker TPU slice: jax finds the coordinator itself. Single-worker VMs skip it.
+        hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+        if "," in hosts:
+            jax.distributed.initialize()
+
+
+def create_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device of every process, with the batch axis `data`."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_divisible(batch_size: int, field: str = "config.batch_size") -> None:
+    """A global batch must split evenly over processes and devices."""
+    procs, devices = jax.process_count(), jax.device_count()
+    if batch_size % devices or batch_size % procs:
+        raise ValueError(
+            f"{field}={batch_size} is not divisible by the number of devices ({devices}) and processes ({procs}); "
+            f"use a multiple of {devices}, e.g. {max(devices, (batch_size // devices) * devices)}."
+        )
