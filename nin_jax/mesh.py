@@ -44,9 +44,10 @@ def maybe_initialize_distributed() -> None:
             jax.distributed.initialize()
 
 
-def create_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh over every device of every process, with the batch axis `data`."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+def create_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh with the batch axis `data`, over `devices` (default: every device of every process)."""
+    n = len(devices) if devices is not None else jax.device_count()
+    return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
