@@ -33,6 +33,9 @@ def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = 
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=True, read_only=read_only, create=not read_only,
         cleanup_tmp_directories=not read_only,
+        # Orbax writes a step's metrics to disk only when best_fn is set: without it the best step is forgotten
+        # on resume (BestN then sees no metrics) and `evaluate --checkpoint=best` cannot find it.
+        best_fn=lambda m: m[BEST_METRIC], best_mode="max",
     )
     return ocp.CheckpointManager(epath.Path(directory), options=options)
 
