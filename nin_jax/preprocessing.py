@@ -1,0 +1,199 @@
+"""Image normalisation, fitted on the training split and cached on disk.
+
+Methods (``config.preprocess``):
+
+* ``scale``: x / 255.
+* ``standardize``: per-channel mean/std fitted on the training split.
+* ``gcn_zca``: the paper's CIFAR preprocessing (Goodfellow et al.'s maxout scripts, pylearn2 semantics):
+  global contrast normalisation per image (subtract the image mean, divide by the L2 norm, multiply by
+  ``config.gcn_scale`` = 55), then ZCA whitening ``(x - mean) @ P`` with
+  ``P = V diag(1/sqrt(eig + filter_bias)) V^T`` from the eigendecomposition of ``X^T X / N`` after per-feature
+  mean subtraction (``config.zca_filter_bias`` = 0.1).
+* ``gcn_lcn``: pylearn2's SVHN script: GCN with scale 1, then LeCun local contrast normalisation with a 7x7
+  Gaussian (sigma 2) per channel. Both steps are per image, so nothing is fitted.
+
+Fitted statistics (``standardize``, ``gcn_zca``) are computed once on the training split and stored as an
+``.npz`` file keyed by dataset, split, image shape and settings; later runs load the file instead of refitting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+PREPROCESS_CHOICES = ("standardize", "gcn_zca", "gcn_lcn", "scale")
+# Methods whose statistics come from the training split (and are cached on disk).
+FITTED = ("standardize", "gcn_zca")
+_CACHE_VERSION = 1
+
+
+def global_contrast_normalize(x: np.ndarray, scale: float = 55.0, min_divisor: float = 1e-8) -> np.ndarray:
+    """pylearn2 ``global_contrast_normalize``: per image, subtract its mean and divide by ||x|| / scale.
+
+    Args:
+      x: [N, ...] images of any numeric dtype.
+    Returns:
+      float32 array with the shape of ``x``.
+    """
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    flat -= flat.mean(axis=1, keepdims=True)
+    norms = np.sqrt(np.square(flat).sum(axis=1, keepdims=True)) / scale
+    norms[norms < min_divisor] = 1.0  # constant images stay zero instead of dividing by ~0
+    return (flat / norms).reshape(x.shape)
+
+
+def fit_zca(x: np.ndarray, filter_bias: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """pylearn2 ``ZCA.fit``: returns (mean [D], P [D, D]) for flattened rows ``x`` [N, D]."""
+    x = x.reshape(len(x), -1)
+    mean = x.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((x.shape[1], x.shape[1]), np.float64)
+    # float32 GEMMs on chunks, accumulated in float64: fast and accurate enough for 3072 features.
+    for start in range(0, len(x), 4096):
+        chunk = (x[start : start + 4096] - mean).astype(np.float32)
+        cov += chunk.T @ chunk
+    cov /= len(x)
+    eigs, eigv = np.linalg.eigh(cov + filter_bias * np.eye(len(cov)))
+    whitening = (eigv * (1.0 / np.sqrt(eigs))) @ eigv.T
+    return mean.astype(np.float32), whitening.astype(np.float32)
+
+
+def _gaussian_1d(kernel_size: int, sigma: float = 2.0) -> np.ndarray:
+    # pylearn2's 2-D gaussian_filter, normalised to sum 1, is the outer product of this 1-D kernel.
+    offsets = np.arange(kernel_size) - kernel_size // 2
+    kernel = np.exp(-np.square(offsets) / (2.0 * sigma**2))
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def lecun_lcn(x: np.ndarray, kernel_size: int = 7, threshold: float = 1e-4) -> np.ndarray:
+    """pylearn2 ``lecun_lcn`` applied to every channel of [N, H, W, C] images (zero-padded 'same' blur)."""
+    x = x.astype(np.float32)
+    kernel = _gaussian_1d(kernel_size)
+
+    def blur(v: np.ndarray) -> np.ndarray:
+        v = ndimage.correlate1d(v, kernel, axis=1, mode="constant")
+        return ndimage.correlate1d(v, kernel, axis=2, mode="constant")
+
+    centered = x - blur(x)
+    # pylearn2 takes the local norm of x (not of the centred x), and never divides by less than the image's mean norm.
+    denom = np.sqrt(blur(np.square(x)))
+    per_image = denom.mean(axis=(1, 2), keepdims=True)
+    return centered / np.maximum(np.maximum(per_image, denom), threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalizer:
+    """Maps uint8 [N, H, W, C] images to the float32 model input."""
+
+    method: str
+    stats: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    gcn_scale: float = 55.0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.method == "scale":
+            return images.astype(np.float32) / 255.0
+        if self.method == "standardize":
+            return (images.astype(np.float32) - self.stats["mean"]) / self.stats["std"]
+        if self.method == "gcn_zca":
+            flat = global_contrast_normalize(images, self.gcn_scale).reshape(len(images), -1)
+            return ((flat - self.stats["mean"]) @ self.stats["whitening"]).reshape(images.shape)
+        if self.method == "gcn_lcn":
+            return lecun_lcn(global_contrast_normalize(images, scale=1.0))
+        raise ValueError(f"config.preprocess={self.method!r} is not one of {PREPROCESS_CHOICES}")
+
+
+def fit_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (float32 [C]) of uint8 [N, H, W, C] images."""
+    flat = images.reshape(-1, images.shape[-1])
+    total = np.zeros(flat.shape[1], np.float64)
+    total_sq = np.zeros(flat.shape[1], np.float64)
+    for start in range(0, len(flat), 1 << 20):  # chunked so the float copy stays small
+        chunk = flat[start : start + (1 << 20)].astype(np.float64)
+        total += chunk.sum(axis=0)
+        total_sq += np.square(chunk).sum(axis=0)
+    mean = total / len(flat)
+    std = np.sqrt(np.maximum(total_sq / len(flat) - np.square(mean), 0.0))
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def cache_file_name(method: str, key: Mapping[str, object]) -> str:
+    """File name of the fitted statistics for ``key`` (dataset, split, image shape, settings, ...)."""
+    blob = json.dumps({"version": _CACHE_VERSION, "method": method, **key}, sort_keys=True, default=str)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    readable = "".join(c if c.isalnum() else "-" for c in f"{key.get('dataset', '')}_{key.get('split', '')}")
+    return f"nin_jax_{method}_{readable}_{digest}.npz"
+
+
+def _writable(directory: str) -> bool:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        mode = os.stat(directory).st_mode
+    except OSError:
+        return False
+    # A directory without any write bit is meant read-only even where root could write to it.
+    return os.access(directory, os.W_OK) and bool(mode & 0o222)
+
+
+def _fit(method: str, images: np.ndarray, zca_filter_bias: float, gcn_scale: float) -> dict[str, np.ndarray]:
+    if method == "standardize":
+        mean, std = fit_channel_stats(images)
+        return {"mean": mean, "std": std}
+    mean, whitening = fit_zca(global_contrast_normalize(images, gcn_scale), zca_filter_bias)
+    return {"mean": mean, "whitening": whitening}
+
+
+def fitted_normalizer(
+    method: str,
+    fit_images: Callable[[], np.ndarray],
+    *,
+    cache_key: Mapping[str, object],
+    cache_dirs: Sequence[str | None],
+    zca_filter_bias: float = 0.1,
+    gcn_scale: float = 55.0,
+) -> Normalizer:
+    """Returns the normalizer for ``method``, loading fitted statistics from the cache when present.
+
+    Args:
+      method: one of ``PREPROCESS_CHOICES``.
+      fit_images: returns the uint8 training images to fit on; only called on a cache miss.
+      cache_key: identifies the fit (dataset, split, image shape, data location); settings are added here.
+      cache_dirs: candidate directories in order of preference (``None`` entries are skipped). The file is
+        looked up in all of them and written to the first writable one.
+    """
+    if method not in PREPROCESS_CHOICES:
+        raise ValueError(f"config.preprocess={method!r} is not one of {PREPROCESS_CHOICES}")
+    if method not in FITTED:
+        return Normalizer(method, gcn_scale=gcn_scale)
+    key = dict(cache_key)
+    if method == "gcn_zca":
+        key.update(zca_filter_bias=float(zca_filter_bias), gcn_scale=float(gcn_scale))
+    name = cache_file_name(method, key)
+    dirs = [os.path.expanduser(d) for d in cache_dirs if d]
+    for directory in dirs:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with np.load(path) as data:
+                return Normalizer(method, {k: data[k] for k in data.files}, gcn_scale)
+    stats = _fit(method, fit_images(), zca_filter_bias, gcn_scale)
+    for directory in dirs:
+        if not _writable(directory):
+            continue
+        # Atomic write: concurrent processes fitting the same statistics never see a partial file.
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **stats)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+            os.replace(tmp, os.path.join(directory, name))
+            break
+        except OSError:  # e.g. a full disk: try the next directory
+            if tmp and os.path.exists(tmp):
+                os.remove(tmp)
+    return Normalizer(method, stats, gcn_scale)
