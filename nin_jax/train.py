@@ -144,8 +144,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
     step = functools.partial(train_step, model=model, num_classes=num_classes,
                              label_smoothing=config.optim.label_smoothing)
     if config.parallelism == "shard_map":
+        # check_vma=False gives per-device gradients of the local loss (pmap semantics), averaged explicitly
+        # with pmean; with the checker on, JAX would already psum the gradients of the replicated parameters.
         step = jax.shard_map(functools.partial(step, axis_name=mesh_lib.DATA_AXIS), mesh=mesh,
-                             in_specs=(P(), P(mesh_lib.DATA_AXIS)), out_specs=(P(), P()))
+                             in_specs=(P(), P(mesh_lib.DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
     elif config.parallelism != "jit":
         raise ValueError(f"config.parallelism={config.parallelism!r}; choose 'jit' or 'shard_map'.")
 
@@ -254,6 +256,31 @@ def _first_nonfinite(losses: list[tuple[int, jax.Array]]) -> tuple[int, float] |
     return None
 
 
+class MetricsLog:
+    """`<workdir>/metrics.jsonl`: one JSON line `{"step": s, <scalar>: value, ...}` per write, by process 0.
+
+    A plain-text copy of the logged scalars for scripts and tests. On resume the lines after the restored
+    step (logged before the interruption) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: epath.Path, start_step: int, enabled: bool):
+        self._path = path if enabled else None
+        if self._path is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= start_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):  # a line cut short by a crash
+                    pass
+            path.write_text("".join(kept))
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self._path is not None:
+            with self._path.open("a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -295,15 +322,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         start_step = int(meta["step"])
         window = meta.get("train_metrics_window") or {}
         if window:  # the partially accumulated logging window, so resumed logs equal uninterrupted ones
-            train_metrics = TrainMetrics(**{k: metrics.Average(total=jnp.float32(t), count=jnp.int32(c))
-                                            for k, (t, c) in window.items()})
+            train_metrics = TrainMetrics.empty().replace(**{
+                k: metrics.Average(total=jnp.float32(t), count=jnp.int32(c)) for k, (t, c) in window.items()})
         logging.info("Resumed from %s at step %d.", mngr.directory, start_step)
         print(f"Resuming from checkpoint step {start_step} in {mngr.directory}", flush=True)
+
+    results_path = workdir_path / "results.json"
+    if start_step >= num_steps and results_path.exists():
+        print(f"{workdir} already finished {num_steps} steps; results: {results_path}", flush=True)
+        mngr.close()
+        return json.loads(results_path.read_text())
 
     rows = models.model_layer_table(model, info.image_shape)
     flops_per_image = hardware.train_flops_per_image(rows)
     num_params = models.count_params(state.params)
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief, asynchronous=True)
+    metrics_log = MetricsLog(workdir_path / "metrics.jsonl", start_step, is_chief)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
                               if isinstance(v, (int, float, str, bool))})
@@ -338,7 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def save(step: int, metrics_for_best: dict | None):
         check_finite()
         window = {} if train_metrics is None else {
-            k: [float(v.total), float(v.count)] for k, v in vars(train_metrics).items()}
+            k: [float(getattr(train_metrics, k).total), int(getattr(train_metrics, k).count)]
+            for k in ("loss", "top1")}
         meta = {"step": step, "train_metrics_window": window, **pipeline.data_position(step)}
         checkpointing.save(mngr, step, state, meta, metrics_for_best)
         last_good["step"] = step
@@ -374,13 +409,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     if mfu is not None:
                         summary["train/mfu"] = mfu
                 writer.write_scalars(done, summary)
+                metrics_log.write(done, summary)
                 results.update(summary)
                 train_metrics = None
             metrics_for_best = None
             if done % config.eval_every_steps == 0 or is_last:
                 t0 = time.time()
                 ev = evaluate(p_eval_step, state, pipeline.eval_batches())
-                writer.write_scalars(done, {k: v for k, v in ev.items() if k != "eval/num_examples"})
+                eval_scalars = {k: v for k, v in ev.items() if k != "eval/num_examples"}
+                writer.write_scalars(done, eval_scalars)
+                metrics_log.write(done, eval_scalars)
                 results.update(ev)
                 metrics_for_best = {checkpointing.BEST_METRIC: ev["eval/top1"]}
                 t_mark += time.time() - t0  # evaluation time is not training time
@@ -412,7 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if restored is not None:
         results["resumed_from_step"] = start_step
     if is_chief:
-        (workdir_path / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     mngr.close()
     writer.close()
     return results

@@ -1,0 +1,189 @@
+"""The training step and loop: device-count and parallelism invariance, learning, workdir contents, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import digits
+from nin_jax import mesh as mesh_lib, models, optim, train
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8, 1)
+
+
+def small_config(**overrides):
+    config = digits.get_config()
+    config.model.width = 0.5
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _batch(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.normal(size=(n, *IMAGE_SHAPE)).astype(np.float32),
+            "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
+
+
+def _run_one_step(config, devices, steps=1):
+    mesh = mesh_lib.create_mesh(devices)
+    model = models.create_model(config.model, NUM_CLASSES)
+    train_model = model.clone(bn_axis_name="data") if (
+        config.parallelism == "shard_map" and config.model.batch_norm) else model
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    state = train.create_train_state(config, model, IMAGE_SHAPE, lr_fn, mesh)
+    step = train.make_train_step(config, train_model, NUM_CLASSES, mesh)
+    losses = []
+    for i in range(steps):
+        batch = jax.device_put(_batch(i), mesh_lib.data_sharding(mesh))
+        state, m = step(state, batch)
+        losses.append(float(m.loss.compute()))
+    return jax.device_get(state.params), jax.device_get(state.batch_stats), losses
+
+
+def _assert_trees_close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
+
+
+def test_one_step_on_one_device_equals_one_step_on_eight():
+    config = small_config()  # dropout on, BatchNorm on
+    p1, s1, l1 = _run_one_step(config, jax.devices()[:1])
+    p8, s8, l8 = _run_one_step(config, jax.devices())
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    _assert_trees_close(p1, p8)
+    _assert_trees_close(s1, s8)
+
+
+def test_jit_and_shard_map_steps_agree():
+    # Dropout masks are drawn per device under shard_map and for the global batch under jit, so they differ by
+    # design; with dropout off, gradients and BatchNorm statistics must agree after averaging over devices.
+    base = dict(**{"model.dropout_rate": 0.0})
+    pj, sj, lj = _run_one_step(small_config(**base, parallelism="jit"), jax.devices(), steps=2)
+    ps, ss, ls = _run_one_step(small_config(**base, parallelism="shard_map"), jax.devices(), steps=2)
+    np.testing.assert_allclose(lj, ls, rtol=1e-5)
+    _assert_trees_close(pj, ps)
+    _assert_trees_close(sj, ss)
+
+
+def test_caffe_sgd_applies_lr_before_momentum_with_per_layer_multipliers():
+    config = small_config(recipe="caffe")
+    config.optim.update(dict(learning_rate=0.5, momentum=0.9, weight_decay=0.1, bias_lr_mult=2.0,
+                             output_lr_mult=0.1, lr_boundaries_epochs=(1.0,), lr_decay=0.1))
+    params = {"block1": {"conv": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}, "bn0": {"bias": jnp.ones((2,))}},
+              "block2": {"mlp1": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}}
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=1, total_steps=3)
+    tx = optim.create_optimizer(config, params, lr_fn, ("block2", "mlp1"))
+    grads = jax.tree.map(jnp.ones_like, params)
+    opt_state = tx.init(params)
+    u1, opt_state = tx.update(grads, opt_state, params)
+    u2, _ = tx.update(grads, opt_state, params)  # LR drops to 0.05 at step 1
+    # Step 0: v = -lr * mult * (g + wd * w); weights decay, biases and BN do not; class-map layer at x0.1.
+    assert float(u1["block1"]["conv"]["kernel"][0]) == pytest.approx(-0.5 * 1.1)
+    assert float(u1["block1"]["conv"]["bias"][0]) == pytest.approx(-0.5 * 2.0)
+    assert float(u1["block1"]["bn0"]["bias"][0]) == pytest.approx(-0.5)
+    assert float(u1["block2"]["mlp1"]["kernel"][0]) == pytest.approx(-0.5 * 0.1 * 1.1)
+    assert float(u1["block2"]["mlp1"]["bias"][0]) == pytest.approx(-0.5 * 0.1)
+    # Step 1: the velocity keeps the old LR's contribution (Caffe), the new gradient uses the new LR.
+    assert float(u2["block1"]["conv"]["kernel"][0]) == pytest.approx(0.9 * -0.55 - 0.05 * 1.1)
+
+
+def test_modern_schedule_warms_up_then_decays_to_zero():
+    config = small_config()
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    warm = int(config.optim.warmup_epochs * 10)
+    assert float(lr_fn(0)) == 0.0
+    assert float(lr_fn(warm)) == pytest.approx(config.optim.learning_rate)
+    assert float(lr_fn(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def _learning_config():
+    config = small_config(num_train_steps=60, log_every_steps=20, eval_every_steps=30, checkpoint_every_steps=30)
+    config.optim.warmup_epochs = 1.0
+    config.model.dropout_rate = 0.0  # learns faster in a few dozen steps
+    return config
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("digits_run")
+    config = _learning_config()
+    results = train.train_and_evaluate(config, str(workdir))
+    return workdir, results
+
+
+def test_a_short_digits_run_learns(digits_run):
+    _, results = digits_run
+    assert results["eval/top1"] > 0.5  # chance is 0.1
+    assert results["eval/num_examples"] == 297  # every held-out digit, once
+
+
+def test_workdir_holds_events_checkpoints_config_and_complete_results(digits_run):
+    workdir, results = digits_run
+    assert list(workdir.glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
+    saved = json.loads((workdir / "results.json").read_text())
+    for key in ("num_params", "step", "eval/top1", "eval/top5", "eval/loss", "train/loss", "train/img_per_sec",
+                "wall_seconds", "config"):
+        assert key in saved, key
+    assert saved["step"] == 60 and saved["config"]["model"]["width"] == 0.5
+    assert saved["eval/top1"] == pytest.approx(results["eval/top1"])
+    assert json.loads((workdir / "config.json").read_text())["dataset"] == "digits"
+
+
+def test_rerunning_a_finished_workdir_resumes_without_training(digits_run):
+    workdir, results = digits_run
+    config = _learning_config()
+    again = train.train_and_evaluate(config, str(workdir))
+    assert again["step"] == 60 and again["eval/top1"] == results["eval/top1"]
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
+
+
+def test_resuming_with_a_different_model_is_refused(digits_run):
+    workdir, _ = digits_run
+    with pytest.raises(ValueError, match="config.model fields"):
+        train.train_and_evaluate(small_config(**{"model.head": "fc"}), str(workdir))
+
+
+def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="config.batch_size=12 is not divisible"):
+        train.train_and_evaluate(small_config(batch_size=12), str(tmp_path))
+
+
+def test_workdir_that_is_a_file_or_unwritable_is_rejected(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train.train_and_evaluate(small_config(), str(afile))
+    with pytest.raises(ValueError, match="not writable"):
+        train.train_and_evaluate(small_config(), str(afile / "sub"))
+
+
+def test_command_line_trains_with_overrides_applied(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path}",
+         "--config.num_train_steps=3", "--config.model.width=0.25", "--config.model.head=fc",
+         "--config.optim.learning_rate=0.3", "--config.optim.warmup_epochs=0", "--config.num_cpu_devices=2"],
+        capture_output=True, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # so that num_cpu_devices decides
+             "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["step"] == 3 and saved["num_devices"] == 2
+    assert (saved["config"]["model"]["head"], saved["config"]["optim"]["learning_rate"]) == ("fc", 0.3)
+
+
+def test_misspelled_config_field_is_rejected():
+    proc = subprocess.run(
+        [sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py", "--workdir=/tmp/never_used",
+         "--config.modle.head=fc"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "modle" in proc.stderr
