@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Duration and batch.
     config.batch_size = 128  # global, over all devices and hosts
-    config.eval_batch_size = 500
+    config.eval_batch_size = 512
     config.num_epochs = 100.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.seed = 0
