@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 
 import jax
@@ -37,11 +39,13 @@ def maybe_initialize_distributed() -> None:
             num_processes=int(env["JAX_NUM_PROCESSES"]),
             process_id=int(env["JAX_PROCESS_ID"]),
         )
-    elif "TPU_WORKER_HOSTNAMES" in env or "TPU_ACCELERATOR_TYPE" in env or "MEGASCALE_COORDINATOR_ADDRESS" in env:
-        # A multi-worker TPU slice: jax finds the coordinator itself. Single-worker VMs skip it.
-        hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-        if "," in hosts:
+    elif importlib.util.find_spec("libtpu") is not None:
+        # On a TPU VM (jax[tpu] installed) jax discovers the slice's workers from the VM metadata; on a
+        # single-worker VM this is a one-process job. Failure here means no slice metadata: run alone.
+        try:
             jax.distributed.initialize()
+        except (RuntimeError, ValueError) as e:
+            logging.warning("jax.distributed.initialize() failed (%s); running as a single process.", e)
 
 
 def create_mesh(devices: list | None = None) -> jax.sharding.Mesh:
