@@ -1,27 +1,27 @@
 """2-D convolution (NHWC x HWIO, no bias) with implementations that are fast on XLA:CPU.
 
-XLA:CPU lowers `lax.conv_general_dilated` well for the forward pass, but its kernel (weight)
-gradient is pathologically slow (about 1 s per NIN layer at batch 128 on 2 cores). The
-matmul-based implementations here compute the same math as plain GEMMs, so that forward,
-input-gradient and weight-gradient all run at matmul speed:
+On XLA:CPU the native `lax.conv_general_dilated` forward pass and its input gradient are fast (~110 and
+~65 GFLOP/s for the NIN layers on a 2-core AVX2 CPU), but its kernel (weight) gradient degrades as the
+contraction k*k*cin shrinks: for NIN-CIFAR10's first layer (5x5, cin=3) it is ~10x slower than the same
+math as one GEMM. The implementations:
 
-* ``"im2col"``: gather the k*k shifted windows of the padded input by slicing and concatenate
-  them along channels -> patches ``(B*Ho*Wo, k*k*cin)``; one GEMM with the kernel reshaped to
-  ``(k*k*cin, cout)``. Its autodiff is again GEMMs plus slice/pad/add: ``dW = patches^T @ g``
-  and ``dX = col2im(g @ W^T)``. One big contraction (k*k*cin) keeps the GEMM efficient even for
-  cin=3.
-* ``"taps"``: the sum over the k*k taps of ``x_shifted @ W[tap]`` with a ``jax.custom_vjp``
-  whose backward is also per-tap matmuls (``dX`` = sum of shifted ``g @ W[tap]^T``,
-  ``dW[tap] = x_shifted^T @ g``). Never materialises the patch matrix, but the contractions are
-  only cin long.
-* ``"rows"``: middle ground: for each of the k kernel rows, concatenate its k taps along
-  channels and do one GEMM with contraction k*cin; the k row results are summed.
+* ``"xla"``: `lax.conv_general_dilated` for the value and (via autodiff) both gradients.
+* ``"hybrid"``: XLA's convolution for the value and for dX (a forward convolution of the output
+  gradient with the flipped kernel), and ``dW = patches^T @ g`` as one GEMM, where ``patches`` is the
+  im2col matrix ``(B*Ho*Wo, k*k*cin)`` gathered by slicing; a `jax.custom_vjp`.
+* ``"im2col"``: the value as one GEMM ``patches @ W.reshape(k*k*cin, cout)``; its autodiff is again
+  GEMMs plus slice/pad/add (``dW = patches^T @ g``, ``dX = col2im(g @ W^T)``). Building the patch matrix
+  costs memory traffic (k*k copies of the input), which on CPU outweighs the GEMM's speed beyond small cin.
+* ``"taps"``: the sum over the k*k taps of ``x_shifted @ W[tap]``, with a `jax.custom_vjp` whose
+  backward is per-tap matmuls too (``dX`` = the same sum for g and the flipped, transposed kernel,
+  ``dW[tap] = x_shifted^T @ g``). No patch matrix, but contractions only cin long.
+* ``"auto"``: ``"xla"`` on GPU/TPU (their native convolutions are the fast path); on CPU ``"hybrid"``
+  where k*k*cin <= `HYBRID_MAX_CONTRACTION` (small-cin layers, where XLA's weight gradient is slow) and
+  ``"xla"`` elsewhere, per layer.
 
-Strides > 1 are reduced to stride 1 by space-to-depth (an s x s pixel block becomes s*s*cin
-channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so every
-impl handles any stride; e.g. 11x11/4 on 3 channels becomes 3x3/1 on 48 channels. ``k == 1``
-is a single channel matmul for every non-"xla" impl. ``"auto"`` picks ``"im2col"`` on CPU and
-``"xla"`` (the native, well-tuned convolution) on GPU/TPU.
+Strides > 1 are reduced to stride 1 by space-to-depth for every non-"xla" impl (an s x s pixel block
+becomes s*s*cin channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so
+e.g. ImageNet's 11x11/4 conv on 3 channels becomes a 3x3/1 conv on 48 channels.
 """
 
 from __future__ import annotations
@@ -32,18 +32,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("xla", "im2col", "taps", "rows")
+IMPLS = ("xla", "hybrid", "im2col", "taps")
 CHOICES = ("auto",) + IMPLS
+# "auto" on CPU uses "hybrid" up to this contraction length k*k*cin (NIN-CIFAR10: conv1 75 -> hybrid;
+# conv2 2400 and conv3 1728 -> xla). Measured crossover: hybrid 2.5x faster at 75, ~25% slower at 1728.
+HYBRID_MAX_CONTRACTION = 512
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """Map ``impl`` (one of `CHOICES`) to a concrete implementation for ``backend``."""
+def resolve_impl(impl: str, backend: str | None = None, kernel_shape: tuple[int, ...] | None = None) -> str:
+    """Map ``impl`` (one of `CHOICES`) to a concrete implementation for ``backend`` and this layer's kernel."""
     if impl not in CHOICES:
         raise ValueError(f"conv impl {impl!r} is not one of {CHOICES} (config.model.conv_impl)")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
-    return "im2col" if backend == "cpu" else "xla"
+    if (backend or jax.default_backend()) != "cpu":
+        return "xla"
+    if kernel_shape is not None and kernel_shape[0] * kernel_shape[1] * kernel_shape[2] <= HYBRID_MAX_CONTRACTION:
+        return "hybrid"
+    return "xla"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -65,7 +71,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     for size in x.shape[1:3]:
         if size + 2 * padding < k:
             raise ValueError(f"kernel {k} larger than padded input {size}+2*{padding} (x {x.shape})")
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, kernel_shape=kernel.shape)
     if impl == "xla":
         return lax.conv_general_dilated(
             x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
@@ -130,18 +136,6 @@ def _im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return _matmul(patches, kernel.reshape(k * k * cin, cout))
 
 
-def _rows(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-    k, _, cin, cout = kernel.shape
-    xp = _pad_hw(x, padding)
-    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
-    out = None
-    for i in range(k):
-        row = jnp.concatenate([_window(xp, i, j, out_h, out_w) for j in range(k)], axis=-1)
-        y = _matmul(row, kernel[i].reshape(k * cin, cout))
-        out = y if out is None else out + y
-    return out
-
-
 def _taps_sum(xp: jax.Array, kernel: jax.Array) -> jax.Array:
     """Valid stride-1 conv of pre-padded ``xp`` as a sum of k*k shifted channel matmuls."""
     k = kernel.shape[0]
@@ -179,4 +173,35 @@ def _taps_bwd(padding, res, g):
 
 _taps.defvjp(_taps_fwd, _taps_bwd)
 
-_CONV_S1 = {"im2col": _im2col, "taps": _taps, "rows": _rows}
+def _xla_s1(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    """Stride-1 XLA convolution; ``padding`` may be negative (crops)."""
+    return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((padding, padding),) * 2,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _hybrid(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
+    return _xla_s1(x, kernel, padding)
+
+
+def _hybrid_fwd(x, kernel, padding):
+    return _xla_s1(x, kernel, padding), (x, kernel)
+
+
+def _hybrid_bwd(padding, res, g):
+    x, kernel = res
+    k, _, cin, cout = kernel.shape
+    # dX is a forward convolution of g with the flipped, transposed kernel: XLA's fast path.
+    dx = _xla_s1(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), k - 1 - padding)
+    # dW = patches^T @ g as one GEMM (XLA's own conv weight-gradient is the slow path on CPU).
+    xp = _pad_hw(x, padding)
+    out_h, out_w = g.shape[1], g.shape[2]
+    patches = jnp.concatenate(
+        [_window(xp, i, j, out_h, out_w) for i in range(k) for j in range(k)], axis=-1)
+    dk = jnp.einsum("bhwk,bhwd->kd", patches, g).reshape(kernel.shape)
+    return dx, dk
+
+
+_hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
+
+_CONV_S1 = {"im2col": _im2col, "hybrid": _hybrid, "taps": _taps}

@@ -63,7 +63,8 @@ def test_eager_matches_jit_and_auto_resolves():
     eager = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl="auto")
     jitted = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=1, padding=1, impl="auto"))(x, kernel)
     np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
-    assert conv_ops.resolve_impl("auto", "cpu") == "im2col"
+    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 3, 192)) == "hybrid"  # small cin: GEMM weight-gradient
+    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 96, 192)) == "xla"
     assert conv_ops.resolve_impl("auto", "gpu") == "xla"
     assert conv_ops.resolve_impl("auto", "tpu") == "xla"
     assert conv_ops.resolve_impl("taps", "tpu") == "taps"
