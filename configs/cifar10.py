@@ -32,19 +32,12 @@ def get_config(recipe: str = "caffe"):
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 2000
     if recipe == "caffe":
-        config.recipe = "caffe"
         config.preprocess = "gcn_zca"
         config.augment.translate = 0
         config.augment.flip = False
-        config.model.init = "caffe"
         config.model.pool2 = "avg"
-        config.optim.learning_rate = 0.1
-        config.optim.momentum = 0.9
-        config.optim.weight_decay = 1e-4
-        config.optim.bias_lr_mult = 2.0
-        config.optim.output_lr_mult = 0.1
-        config.optim.lr_boundaries_epochs = (100_000 * 128 / 50_000,)  # 100k iterations
-        config.optim.lr_decay = 0.1
+        default.use_caffe_solver(config, learning_rate=0.1, weight_decay=1e-4, output_lr_mult=0.1,
+                                 lr_boundaries_epochs=(100_000 * 128 / 50_000,))  # LR /10 after 100k iterations
         config.num_train_steps = 120_000
     elif recipe == "modern":
         config.recipe = "modern"

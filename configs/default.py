@@ -76,3 +76,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
     config.profile = False  # a TensorBoard profile of a few steps after warm-up
     return config
+
+
+def use_caffe_solver(config: ml_collections.ConfigDict, *, learning_rate: float, weight_decay: float,
+                     output_lr_mult: float, lr_boundaries_epochs: tuple[float, ...]) -> None:
+    """The original NIN solver: Caffe SGD, momentum 0.9, bias LR x2, step schedule (LR /10 per boundary)."""
+    config.recipe = "caffe"
+    config.model.init = "caffe"
+    config.optim.learning_rate = learning_rate
+    config.optim.momentum = 0.9
+    config.optim.weight_decay = weight_decay
+    config.optim.bias_lr_mult = 2.0
+    config.optim.output_lr_mult = output_lr_mult
+    config.optim.lr_boundaries_epochs = tuple(lr_boundaries_epochs)
+    config.optim.lr_decay = 0.1

@@ -28,13 +28,9 @@ def get_config():
     config.augment.random_resized_crop = True
     config.augment.eval_resize = 256
     config.model.arch = "nin_imagenet"
-    config.model.init = "caffe"
-    config.recipe = "caffe"
-    config.optim.learning_rate = 0.01
-    config.optim.weight_decay = 5e-4
-    config.optim.bias_lr_mult = 2.0
-    config.optim.output_lr_mult = 1.0
-    config.optim.lr_boundaries_epochs = tuple(k * 200_000 * 64 / 1_281_167 for k in (1, 2))
+    # LR /10 every 200k iterations of batch 64.
+    default.use_caffe_solver(config, learning_rate=0.01, weight_decay=5e-4, output_lr_mult=1.0,
+                             lr_boundaries_epochs=tuple(k * 200_000 * 64 / 1_281_167 for k in (1, 2)))
     config.num_train_steps = 450_000
     config.batch_size = 64
     config.eval_batch_size = 512

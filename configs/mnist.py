@@ -23,13 +23,8 @@ def get_config():
     config.augment.translate = 0
     config.augment.flip = False
     config.model.arch = "nin_mnist"
-    config.model.init = "caffe"
-    config.recipe = "caffe"
-    config.optim.learning_rate = 0.1
-    config.optim.weight_decay = 1e-4
-    config.optim.bias_lr_mult = 2.0
-    config.optim.output_lr_mult = 0.1
-    config.optim.lr_boundaries_epochs = (60.0, 85.0)
+    default.use_caffe_solver(config, learning_rate=0.1, weight_decay=1e-4, output_lr_mult=0.1,
+                             lr_boundaries_epochs=(60.0, 85.0))
     config.num_epochs = 100.0
     config.batch_size = 128
     return config

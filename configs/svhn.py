@@ -26,13 +26,8 @@ def get_config():
     config.augment.translate = 0
     config.augment.flip = False
     config.model.arch = "nin_svhn"
-    config.model.init = "caffe"
-    config.recipe = "caffe"
-    config.optim.learning_rate = 0.1
-    config.optim.weight_decay = 1e-4
-    config.optim.bias_lr_mult = 2.0
-    config.optim.output_lr_mult = 0.1
-    config.optim.lr_boundaries_epochs = (25.0, 35.0)
+    default.use_caffe_solver(config, learning_rate=0.1, weight_decay=1e-4, output_lr_mult=0.1,
+                             lr_boundaries_epochs=(25.0, 35.0))
     config.num_epochs = 40.0
     config.batch_size = 128
     config.eval_every_steps = 5000

@@ -248,6 +248,11 @@ class PreemptionWatcher:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _first_nonfinite(losses: list[tuple[int, jax.Array]]) -> tuple[int, float] | None:
     values = jax.device_get([v for _, v in losses])
     for (step, _), v in zip(losses, values):
@@ -357,20 +362,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_seconds, train_images, t_mark = 0.0, 0, None
     preemption = PreemptionWatcher()
 
+    def stop_nonfinite(problem: str):
+        mngr.wait_until_finished()
+        kept = (f"the last good checkpoint (step {mngr.latest_step()}) is kept in {mngr.directory}"
+                if mngr.latest_step() is not None else "no checkpoint had been saved yet")
+        raise NonFiniteLossError(
+            f"{problem}; stopped, and {kept}. Lower "
+            "config.optim.learning_rate, set config.optim.grad_clip_norm, or check the input data."
+        )
+
     def check_finite():
         bad = _first_nonfinite(pending_losses)
         pending_losses.clear()
         if bad is not None:
-            mngr.wait_until_finished()
-            kept = (f"the last good checkpoint (step {mngr.latest_step()}) is kept in {mngr.directory}"
-                    if mngr.latest_step() is not None else "no checkpoint had been saved yet")
-            raise NonFiniteLossError(
-                f"train/loss became {bad[1]} at step {bad[0]}; stopped, and {kept}. Lower "
-                "config.optim.learning_rate, set config.optim.grad_clip_norm, or check the input data."
-            )
+            stop_nonfinite(f"train/loss became {bad[1]} at step {bad[0]}")
 
     def save(step: int, metrics_for_best: dict | None):
         check_finite()
+        # A step's loss is computed before its update, so an update can still overflow: never save such state.
+        if not bool(_all_finite(state.params)):
+            stop_nonfinite(f"the parameters became non-finite at step {step} (its loss was finite)")
         window = {} if train_metrics is None else {
             k: [float(getattr(train_metrics, k).total), int(getattr(train_metrics, k).count)]
             for k in ("loss", "top1")}

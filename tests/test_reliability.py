@@ -1,0 +1,256 @@
+"""Faults during training: SIGTERM (preemption), kill -9, broken checkpoints, and a diverging loss.
+
+Every interrupted run is resumed and compared with one uninterrupted reference run of the same config: the
+final state (parameters, BatchNorm statistics, momentum, step, RNG key), results.json's train/eval values
+and the whole per-step metrics.jsonl must be bit-identical. Fault steps are drawn from a seeded generator
+(RELIABILITY_SEED, default 0) and printed. Training subprocesses share compiled programs with this process
+through a persistent compilation cache, so a subprocess costs mostly its imports.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nin_jax import train
+import helpers_reliability as h
+
+SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("reliability"), h.compile_cache_dir(tmp_path_factory)
+    undo = h.enable_compile_cache(cache)
+    yield {"root": root, "data_cache": root / "data_cache", "subprocess": h.subprocess_env(cache),
+           "rng": random.Random(SEED)}
+    undo()
+
+
+def _interrupt_runs(runs: dict, reference_dir, env: dict, status: dict, abort: threading.Event) -> None:
+    """Starts the runs once the reference has run (so compiled) a step, and signals each at its target step.
+
+    The compiled programs then come from the shared cache, and the subprocesses' start-up overlaps the rest
+    of the reference run. Records exit codes etc. in `runs`; a failure goes to status["error"].
+    """
+    try:
+        deadline = time.monotonic() + 400
+        while h.last_logged_step(reference_dir) < 1:
+            if abort.is_set() or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        for name, run in runs.items():
+            run["proc"] = h.start_main(run["workdir"], h.config_flags(env["data_cache"]), env["subprocess"],
+                                       run["log"])
+        pending = dict(runs)
+        while pending:
+            for name, run in list(pending.items()):
+                wd, proc = run["workdir"], run["proc"]
+                if h.last_logged_step(wd) >= run["target"] and (run["signal"] != signal.SIGKILL
+                                                                or h.committed_steps(wd)):
+                    proc.send_signal(run["signal"])
+                    del pending[name]
+                elif proc.poll() is not None or abort.is_set() or time.monotonic() > deadline:
+                    status["error"] = f"{name}: exit code {proc.poll()} before step {run['target']}"
+                    return
+            time.sleep(0.02)
+        for name, run in runs.items():
+            try:
+                run["code"] = run["proc"].wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                status["error"] = f"{name} did not exit after its signal"
+                return
+            run["reached"], run["saved"] = h.last_logged_step(run["workdir"]), h.committed_steps(run["workdir"])
+    except Exception as e:  # noqa: BLE001 — reported by the fixture in the test thread
+        status["error"] = repr(e)
+    finally:
+        for run in runs.values():
+            if "proc" in run and run["proc"].poll() is None:
+                run["proc"].kill()
+
+
+@pytest.fixture(scope="module")
+def reference(env, request):
+    """An uninterrupted run in this process (every 4th step's checkpoint kept), and, started meanwhile, two
+    subprocess runs of the same command: one gets SIGTERM, the other kill -9 (after a committed checkpoint),
+    at seeded steps. Each of those records: target step, exit code, last logged step, committed checkpoints.
+    """
+    workdir = env["root"] / "reference"
+    config = h.make_config(env["data_cache"])
+    runs = {"sigterm": {"signal": signal.SIGTERM, "target": env["rng"].choice([5, 9, 13])},
+            "kill9": {"signal": signal.SIGKILL, "target": env["rng"].randint(5, h.NUM_STEPS - 6)}}
+    for name, run in runs.items():
+        run["workdir"], run["log"] = env["root"] / name, env["root"] / f"{name}.log"
+    abort = threading.Event()
+    thread = threading.Thread(target=_interrupt_runs, args=(runs, workdir, env, status := {}, abort), daemon=True)
+    status["thread"] = thread
+    if any("interrupted" in item.fixturenames for item in request.session.items):
+        thread.start()
+    try:
+        train.train_and_evaluate(config, str(workdir))
+    except BaseException:
+        abort.set()
+        raise
+    assert h.committed_steps(workdir) == list(range(4, h.NUM_STEPS + 1, 4))
+    restorer = h.Restorer(config)
+    yield {"workdir": workdir, "restorer": restorer, "state": restorer.restore(workdir)[0],
+           "results": h.deterministic_results(workdir), "trajectory": h.trajectory(workdir),
+           "runs": runs, "status": status}
+    abort.set()
+    if thread.ident is not None:  # started
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def interrupted(reference):
+    """The SIGTERM and kill -9 runs, once both have exited."""
+    status, runs = reference["status"], reference["runs"]
+    status["thread"].join(timeout=400)
+    if status["thread"].is_alive() or "error" in status:
+        tails = "\n".join(f"--- {n}\n{h.log_tail(r['log'])}" for n, r in runs.items() if r["log"].exists())
+        pytest.fail(f"interrupted runs: {status.get('error', 'timed out')}\n{tails}")
+    for name, run in runs.items():
+        print(f"{name}: signal after logged step {run['target']}; exit code {run['code']}, logged up to step "
+              f"{run['reached']}, checkpoints {run['saved']}")
+    return runs
+
+
+def _assert_same_as_reference(workdir, reference) -> float:
+    state, meta = reference["restorer"].restore(workdir)
+    assert meta["step"] == h.NUM_STEPS
+    diff = h.max_abs_diff(state, reference["state"])
+    h.assert_states_identical(state, reference["state"])
+    assert h.deterministic_results(workdir) == reference["results"]
+    assert h.trajectory(workdir) == reference["trajectory"]  # every logged step's loss, accuracy, lr; the evals
+    return diff
+
+
+def _resume_in_process(workdir, env, capsys) -> str:
+    """Reruns the training (what `python -m nin_jax.main` calls) in this process; returns what it printed."""
+    capsys.readouterr()
+    train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
+    return capsys.readouterr().out
+
+
+def test_sigterm_saves_at_the_next_step_and_resume_is_bit_identical(env, reference, interrupted, capsys):
+    run = interrupted["sigterm"]
+    assert run["code"] == train.PREEMPTED_EXIT_CODE, h.log_tail(run["log"])
+    found = re.search(r"Preempted \(SIGTERM\) at step (\d+): checkpoint committed", run["log"].read_text())
+    assert found, h.log_tail(run["log"])
+    step = int(found.group(1))
+    assert run["target"] <= step < h.NUM_STEPS
+    assert run["saved"][-1] == step  # the preemption checkpoint, whatever the save interval
+    assert not (run["workdir"] / "results.json").exists()
+
+    out = _resume_in_process(run["workdir"], env, capsys)
+    assert f"Resuming from checkpoint step {step}" in out
+    assert _assert_same_as_reference(run["workdir"], reference) == 0.0
+
+
+def test_kill9_then_rerun_is_bit_identical(env, reference, interrupted, capsys):
+    run = interrupted["kill9"]
+    assert run["code"] == -signal.SIGKILL
+    assert not (run["workdir"] / "results.json").exists()
+    assert run["saved"] and run["saved"][-1] <= run["reached"] < h.NUM_STEPS
+
+    out = _resume_in_process(run["workdir"], env, capsys)
+    assert f"Resuming from checkpoint step {run['saved'][-1]}" in out
+    assert _assert_same_as_reference(run["workdir"], reference) == 0.0
+
+
+def _copy_run(reference_dir, workdir, steps):
+    (workdir / "checkpoints").mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(reference_dir / name, workdir / name)
+    for step in steps:
+        shutil.copytree(reference_dir / "checkpoints" / str(step), workdir / "checkpoints" / str(step))
+
+
+def _truncate_files(directory) -> int:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    for p in files:
+        with open(p, "r+b") as f:
+            f.truncate(p.stat().st_size // 2)
+    return len(files)
+
+
+def _flip_bytes(directory) -> None:
+    """Inverts 64 bytes in the middle of the largest file (array data), keeping every size and name."""
+    data = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    middle = len(raw) // 2
+    raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    data.write_bytes(bytes(raw))
+
+
+def test_damaged_latest_checkpoints_resume_from_the_last_intact_one(env, reference, capsys):
+    """Step 20 truncated (fails to read), step 16 with flipped bytes (reads, fails its digest): resume at 12."""
+    workdir = env["root"] / "damaged"
+    _copy_run(reference["workdir"], workdir, [4, 8, 12, 16, 20])
+    assert _truncate_files(workdir / "checkpoints" / "20") > 3
+    _flip_bytes(workdir / "checkpoints" / "16" / "state")
+
+    out = _resume_in_process(workdir, env, capsys)
+    for step in (20, 16):
+        assert re.search(rf"checkpoint \S+/{step} is unreadable", out), out
+        assert (workdir / "checkpoints" / f"{step}.unreadable").is_dir()  # kept for inspection, never restored
+    assert "Resuming from checkpoint step 12" in out
+    assert _assert_same_as_reference(workdir, reference) == 0.0
+
+
+def test_half_written_checkpoint_is_ignored(env, reference, capsys):
+    """A crash during a save leaves Orbax's temporary directory; the previous step is restored."""
+    workdir = env["root"] / "half_written"
+    _copy_run(reference["workdir"], workdir, [16, 20])
+    tmp = workdir / "checkpoints" / "24.orbax-checkpoint-tmp"
+    shutil.copytree(reference["workdir"] / "checkpoints" / "24", tmp)
+    _truncate_files(tmp / "state")
+
+    out = _resume_in_process(workdir, env, capsys)
+    assert "Resuming from checkpoint step 20" in out
+    assert "unreadable" not in out
+    assert not tmp.exists()
+    assert _assert_same_as_reference(workdir, reference) == 0.0
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(env):
+    workdir = env["root"] / "diverge"
+    config = h.make_config(env["data_cache"], optim__learning_rate=1e30, checkpoint_every_steps=2,
+                           optim__weight_decay=0.0)
+    with pytest.raises(train.NonFiniteLossError) as error:
+        train.train_and_evaluate(config, str(workdir))
+    message = str(error.value)
+    print(message)
+    found = re.search(r"became (\S+) at step (\d+); stopped, and the last good checkpoint \(step (\d+)\)", message)
+    assert found, message
+    bad_step, kept = int(found.group(2)), int(found.group(3))
+    assert kept < bad_step < h.NUM_STEPS
+    losses = {s: row.get("train/loss") for s, row in h.read_metrics(workdir).items()}
+    assert all(np.isfinite(losses[s]) for s in range(1, bad_step))  # nothing non-finite before the named step
+    assert h.committed_steps(workdir)[-1] == kept
+    state, meta = h.Restorer(config).restore(workdir, kept)
+    assert meta["step"] == kept
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def test_nonfinite_parameters_are_never_saved(env, monkeypatch):
+    """An update can overflow although its loss was finite: simulated at the second save (step 8)."""
+    workdir, real, calls = env["root"] / "overflow", train._all_finite, []
+
+    def all_finite(tree):
+        calls.append(1)
+        return real(tree) & (len(calls) < 2)
+
+    monkeypatch.setattr(train, "_all_finite", all_finite)
+    with pytest.raises(train.NonFiniteLossError, match=r"the parameters became non-finite at step 8 \(its loss was "
+                       r"finite\); stopped, and the last good checkpoint \(step 4\)"):
+        train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
+    assert h.committed_steps(workdir) == [4]
