@@ -93,23 +93,35 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
-    """Restores the newest readable step, moving unreadable ones aside; None if there is no checkpoint."""
+    """Restores the newest readable step; None if there is no checkpoint.
+
+    Steps newer than the restored one failed to read: they are moved aside to `<step>.unreadable` (nothing is
+    deleted) so that the run can save those step numbers again. If no step can be read, nothing is moved: the
+    cause is then more likely the current config (e.g. a different optimizer) than the files.
+    """
     steps = sorted(mngr.all_steps(), reverse=True)
+    failures = []
     for step in steps:
         try:
-            return restore(mngr, step, abstract_state)
+            restored = restore(mngr, step, abstract_state)
         except Exception as e:  # noqa: BLE001 — any read failure means "try the previous step"
-            path = epath.Path(mngr.directory) / str(step)
-            logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); falling back to the previous one.",
-                            step, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            print(f"WARNING: checkpoint {path} is unreadable ({type(e).__name__}); "
-                  "moved aside, resuming from the previous one.", flush=True)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logging.warning("Checkpoint step %d in %s could not be restored (%s).", step, mngr.directory, reason)
+            failures.append((step, reason))
+            continue
+        for bad, reason in failures:
+            path = epath.Path(mngr.directory) / str(bad)
+            print(f"WARNING: checkpoint {path} is unreadable ({reason}); moved aside to {path.name}.unreadable, "
+                  f"resuming from step {step}.", flush=True)
             if jax.process_index() == 0 and path.exists():
-                path.rename(path.parent / f"{step}.unreadable")
+                path.rename(path.parent / f"{bad}.unreadable")
+        if failures:
             mngr.reload()
+        return restored
     if steps:
+        details = "; ".join(f"step {s}: {r}" for s, r in failures)
         raise CheckpointError(
-            f"None of the checkpoints {steps} in {mngr.directory} could be read (moved aside as *.unreadable). "
-            "Restore a good copy, or use a new --workdir to start over."
+            f"No checkpoint in {mngr.directory} could be restored ({details}). If the config changed since they "
+            "were written, rerun with the original config; otherwise restore a good copy, or use a new --workdir."
         )
     return None

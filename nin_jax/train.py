@@ -356,7 +356,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if config.profile and is_chief:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(workdir_path)))
 
-    last_good = {"step": start_step}
     results: dict[str, Any] = {}
     pending_losses = []
     train_seconds, train_images, t_mark = 0.0, 0, None
@@ -387,7 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for k in ("loss", "top1")}
         meta = {"step": step, "train_metrics_window": window, **pipeline.data_position(step)}
         checkpointing.save(mngr, step, state, meta, metrics_for_best)
-        last_good["step"] = step
 
     try:
         train_iter = pipeline.train_batches(start_step)
@@ -449,6 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mngr.wait_until_finished()
         writer.flush()
 
+    if "eval/top1" not in results:  # resumed from the final checkpoint of a run that died before its results
+        results.update(evaluate(p_eval_step, state, pipeline.eval_batches()))
     results.update({
         "num_params": num_params,
         "step": num_steps,
