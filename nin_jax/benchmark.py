@@ -1,0 +1,267 @@
+"""Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
+
+    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
+        [--input_batches=0] [--config.num_cpu_devices=8] [--config.model.conv_impl=auto]
+
+Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
+times `--steps` steps on a synthetic batch after `--warmup` steps, each to `block_until_ready`, and reports
+medians. MFU is achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over
+the matmul peak measured in the same process: every device multiplies square matrices at once, and on CPU,
+where host devices share the same cores, a single-device matmul counts too; the larger rate is the peak.
+Peak memory is the process's peak RSS on CPU and the devices' `peak_bytes_in_use` elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from nin_jax import architectures, conv_ops, mesh as mesh_lib, models, train
+
+# Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((8, 8, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "svhn_cropped": ((32, 32, 3), 10),
+    "imagenet2012": ((224, 224, 3), 1000),
+}
+
+REQUIRED_KEYS = ("train/img_per_sec", "infer/img_per_sec", "compile_seconds", "gflops_per_image_train",
+                 "gflops_per_image_forward", "peak_gflops", "train/mfu", "infer/mfu", "input/img_per_sec",
+                 "device_kind", "device_count", "batch_size")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train and inference each).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+_INPUT_BATCHES = flags.DEFINE_integer(
+    "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it.")
+_PEAK_SIZES = flags.DEFINE_list(
+    "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak (on a 2-core AVX2 CPU 2048 is the best).")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
+
+
+def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
+    """Model input shape and class count for `config.dataset` (config.image_size overrides H and W)."""
+    if config.dataset not in DATASET_SHAPES:
+        raise ValueError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
+                         f"benchmark one of {tuple(DATASET_SHAPES)} with the same image size instead.")
+    (h, w, c), num_classes = DATASET_SHAPES[config.dataset]
+    if config.get("image_size"):
+        h = w = int(config.image_size)
+    return (h, w, c), num_classes
+
+
+def _time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_matmul_peak(mesh: jax.sharding.Mesh, dtype: Any, sizes: Sequence[int], reps: int = 5) -> dict[str, float]:
+    """Matmul FLOP/s, best over `sizes` and `reps`: all devices at once (one n x n product each) and device 0 alone.
+
+    The best repetition, not the median, is the peak: on a shared machine a slow repetition measures the other
+    load, and a higher peak only makes the reported MFU more conservative.
+    """
+    devices = mesh.devices.ravel().tolist()
+    sharded = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
+    best_all, best_one = 0.0, 0.0
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=dtype))
+    for n in sizes:
+        a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharded)
+        best_all = max(best_all, len(devices) * 2 * n**3 / min(_time_calls(lambda: matmul(a, a), reps, 1)))
+        b = jax.device_put(jnp.ones((n, n), dtype), devices[0])
+        best_one = max(best_one, 2 * n**3 / min(_time_calls(lambda: matmul(b, b), reps, 1)))
+        del a, b
+    # Host CPU devices share the same cores, so one device alone can use the whole machine.
+    one_scaled = best_one if devices[0].platform == "cpu" else best_one * len(devices)
+    return {"all_devices": best_all, "one_device": best_one, "peak": max(best_all, one_scaled)}
+
+
+def _peak_memory_bytes() -> tuple[str, float]:
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        stats = [d.memory_stats() or {} for d in devices]
+        if all("peak_bytes_in_use" in s for s in stats):
+            return "device_peak_bytes", float(sum(s["peak_bytes_in_use"] for s in stats))
+    # ru_maxrss is in KiB on Linux.
+    return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
+        peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
+    """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+    mesh = mesh_lib.create_mesh()
+    mesh_lib.check_batch_divisible(config.batch_size)
+    data = mesh_lib.data_sharding(mesh)
+    image_shape, num_classes = dataset_shape(config)
+    dtype = train.compute_dtype(config)
+    model = models.create_model(config.model, num_classes, dtype=dtype)
+    train_model = model
+    if config.parallelism == "shard_map" and config.model.batch_norm:
+        train_model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)
+    # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
+    lr_fn = optax.constant_schedule(config.optim.learning_rate)
+    rows = models.model_layer_table(model, image_shape)
+    fwd_flops = architectures.forward_flops_per_image(rows)
+    train_flops = architectures.train_flops_per_image(rows)
+
+    batch_size = config.batch_size
+    rng = np.random.default_rng(config.seed)
+    batch = jax.device_put({
+        "image": rng.standard_normal((batch_size, *image_shape), np.float32),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+    }, data)
+    state = train.create_train_state(config, model, image_shape, lr_fn, mesh)
+
+    start = time.perf_counter()
+    train_step = train.make_train_step(config, train_model, num_classes, mesh).lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def infer_fn(state, images):
+        variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        return model.apply(variables, images, train=False)
+
+    repl = mesh_lib.replicated(mesh)
+    start = time.perf_counter()
+    infer = jax.jit(infer_fn, in_shardings=(repl, data), out_shardings=data).lower(state, batch["image"]).compile()
+    infer_compile_seconds = time.perf_counter() - start
+
+    holder = {"state": state}
+
+    def one_train_step():
+        holder["state"], m = train_step(holder["state"], batch)
+        return holder["state"].step, m
+
+    # The peak is measured before and after the timed steps and the higher value kept (see measure_matmul_peak).
+    peak = measure_matmul_peak(mesh, jnp.float32, peak_sizes)
+    load_start = os.getloadavg()[0]
+    train_times = _time_calls(one_train_step, steps, warmup)
+    infer_times = _time_calls(lambda: infer(holder["state"], batch["image"]), steps, warmup)
+    if trace_dir:
+        with jax.profiler.trace(trace_dir):
+            _time_calls(one_train_step, 3, 0)
+    load_end = os.getloadavg()[0]
+    memory_key, memory_bytes = _peak_memory_bytes()
+
+    peak_after = measure_matmul_peak(mesh, jnp.float32, peak_sizes)
+    peak = {k: max(v, peak_after[k]) for k, v in peak.items()}
+    bf16 = measure_matmul_peak(mesh, jnp.bfloat16, peak_sizes, reps=3)
+    peak_flops = bf16["peak"] if config.half_precision else peak["peak"]
+    train_ips = batch_size / statistics.median(train_times)
+    infer_ips = batch_size / statistics.median(infer_times)
+    device = jax.devices()[0]
+    results: dict[str, Any] = {
+        "train/img_per_sec": train_ips,
+        "infer/img_per_sec": infer_ips,
+        "train/step_ms_median": 1e3 * statistics.median(train_times),
+        "train/step_ms_min": 1e3 * min(train_times),
+        "train/step_ms_max": 1e3 * max(train_times),
+        "infer/step_ms_median": 1e3 * statistics.median(infer_times),
+        "infer/step_ms_min": 1e3 * min(infer_times),
+        "compile_seconds": compile_seconds,
+        "infer_compile_seconds": infer_compile_seconds,
+        "gflops_per_image_train": train_flops / 1e9,
+        "gflops_per_image_forward": fwd_flops / 1e9,
+        "train/gflops_per_sec": train_flops * train_ips / 1e9,
+        "infer/gflops_per_sec": fwd_flops * infer_ips / 1e9,
+        "peak_gflops": peak_flops / 1e9,
+        "peak_gflops_f32": peak["peak"] / 1e9,
+        "peak_gflops_f32_all_devices": peak["all_devices"] / 1e9,
+        "peak_gflops_f32_one_device": peak["one_device"] / 1e9,
+        "peak_gflops_bf16": bf16["peak"] / 1e9,
+        "train/mfu": train_flops * train_ips / peak_flops,
+        "train/mfu_best_step": train_flops * batch_size / min(train_times) / peak_flops,
+        "infer/mfu": fwd_flops * infer_ips / peak_flops,
+        "infer/mfu_best_step": fwd_flops * batch_size / min(infer_times) / peak_flops,
+        memory_key: memory_bytes,
+        "input/img_per_sec": None,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "batch_size": batch_size,
+        "steps": steps,
+        "dtype": jnp.dtype(dtype).name,
+        "arch": config.model.arch,
+        "conv_impl": conv_ops.resolve_impl(config.model.conv_impl),
+        "parallelism": config.parallelism,
+        "load_avg_1min": [load_start, load_end],
+    }
+    if input_batches > 0:
+        from nin_jax import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
+
+        results.update(input_benchmark.measure_input_throughput(config, input_batches))
+    return results
+
+
+def format_results(r: dict[str, Any]) -> str:
+    """A short human-readable table of `run`'s results."""
+    def fmt(v, spec):
+        return "skipped" if v is None else format(v, spec)
+    lines = [
+        f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
+        f"({r['platform']}), conv impl {r['conv_impl']}, {r['parallelism']}",
+        f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}",
+        f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
+        f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}",
+        f"{'inference':<22}{r['infer/img_per_sec']:>10.1f}{r['infer/step_ms_median']:>10.1f}"
+        f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}",
+        f"{'input pipeline':<22}{fmt(r['input/img_per_sec'], '>10.1f')}",
+        f"model GFLOP/image: forward {r['gflops_per_image_forward']:.3f}, train {r['gflops_per_image_train']:.3f}",
+        f"matmul peak GFLOP/s: f32 {r['peak_gflops_f32']:.1f} (all devices {r['peak_gflops_f32_all_devices']:.1f}, "
+        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; MFU uses "
+        f"{r['peak_gflops']:.1f}",
+        f"train step ms: min {r['train/step_ms_min']:.1f} max {r['train/step_ms_max']:.1f}; compile "
+        f"{r['compile_seconds']:.1f} s (inference {r['infer_compile_seconds']:.1f} s); load avg "
+        f"{r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}",
+    ]
+    for key in ("host_peak_rss_bytes", "device_peak_bytes"):
+        if key in r:
+            lines.append(f"peak memory ({key}): {r[key] / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<name>.py is required.")
+    config = config.copy_and_resolve_references()
+    if _BATCH.value is not None:
+        config.batch_size = _BATCH.value
+    mesh_lib.use_host_devices(config.num_cpu_devices)
+    results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
+                  peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
+    print(format_results(results), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,58 @@
+"""benchmark: the CLI measures a tiny model end to end and writes every documented key."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from configs import digits
+from nin_jax import benchmark, mesh as mesh_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cli_writes_json_with_all_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time dominates a tiny model
+    proc = subprocess.run(
+        [sys.executable, "-m", "nin_jax.benchmark", "--config=configs/digits.py", "--batch_size=64", "--steps=2",
+         "--warmup=1", "--input_batches=2", "--peak_sizes=128", f"--config.cache_dir={tmp_path}", f"--json={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train" in proc.stdout and "MFU" in proc.stdout
+    r = json.loads(out.read_text())
+    missing = [k for k in benchmark.REQUIRED_KEYS if k not in r]
+    assert not missing, missing
+    for key in benchmark.REQUIRED_KEYS:
+        if key != "device_kind":
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+    assert r["batch_size"] == 64 and r["device_count"] == jax.device_count()
+    assert r["device_kind"] and r["arch"] == "nin_digits"
+    # MFU is consistent with the reported throughput, FLOPs and peak.
+    assert r["train/mfu"] == pytest.approx(r["train/img_per_sec"] * r["gflops_per_image_train"] / r["peak_gflops"])
+    assert r["gflops_per_image_train"] > 2.5 * r["gflops_per_image_forward"]
+    assert r["host_peak_rss_bytes"] > 0
+
+
+def test_matmul_peak_is_positive_and_covers_one_device():
+    mesh = mesh_lib.create_mesh()
+    p = benchmark.measure_matmul_peak(mesh, jnp.float32, [64], reps=2)
+    assert p["all_devices"] > 0 and p["one_device"] > 0
+    assert p["peak"] >= max(p["all_devices"], p["one_device"])
+
+
+def test_dataset_shape_and_bad_input():
+    config = digits.get_config()
+    assert benchmark.dataset_shape(config) == ((8, 8, 1), 10)
+    config.dataset, config.image_size = "imagenet2012", 64
+    assert benchmark.dataset_shape(config) == ((64, 64, 3), 1000)
+    config.dataset = "image_folder"
+    with pytest.raises(ValueError, match="config.dataset"):
+        benchmark.dataset_shape(config)
+    with pytest.raises(ValueError, match="--steps"):
+        benchmark.run(digits.get_config(), steps=0)
