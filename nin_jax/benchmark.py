@@ -57,11 +57,20 @@ _PEAK_SIZES = flags.DEFINE_list(
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
 
 
-def dataset_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, int, int], int]:
-    """Model input shape and class count for `config.dataset` (config.image_size overrides H and W)."""
+def dataset_shape(config: ml_collections.ConfigDict,
+                  sharding: NamedSharding | None = None) -> tuple[tuple[int, int, int], int]:
+    """Model input shape and class count for `config.dataset` (config.image_size overrides H and W).
+
+    Built-in datasets come from `DATASET_SHAPES`; an image folder is opened (with ``sharding``) to read them.
+    """
+    if config.dataset == "image_folder" and sharding is not None:
+        from nin_jax import input_pipeline  # opening a folder lists and decodes it
+
+        info = input_pipeline.Pipeline(config, sharding).info
+        return tuple(info.image_shape), info.num_classes
     if config.dataset not in DATASET_SHAPES:
         raise ValueError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
-                         f"benchmark one of {tuple(DATASET_SHAPES)} with the same image size instead.")
+                         f"use one of {tuple(DATASET_SHAPES)} or 'image_folder'.")
     (h, w, c), num_classes = DATASET_SHAPES[config.dataset]
     if config.get("image_size"):
         h = w = int(config.image_size)
@@ -110,6 +119,15 @@ def _peak_memory_bytes() -> tuple[str, float]:
     return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
+    """The implementation each block's KxK convolution resolves to (``auto`` is per layer)."""
+    impls, cin = [], in_channels
+    for b in model.blocks:
+        impls.append(conv_ops.resolve_impl(model.conv_impl, kernel_shape=(b.kernel, b.kernel, cin, b.widths[0])))
+        cin = b.widths[-1]
+    return impls
+
+
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
         peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
@@ -118,7 +136,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     mesh = mesh_lib.create_mesh()
     mesh_lib.check_batch_divisible(config.batch_size)
     data = mesh_lib.data_sharding(mesh)
-    image_shape, num_classes = dataset_shape(config)
+    image_shape, num_classes = dataset_shape(config, data)
     dtype = train.compute_dtype(config)
     model = models.create_model(config.model, num_classes, dtype=dtype)
     train_model = model
@@ -207,7 +225,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "steps": steps,
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
-        "conv_impl": conv_ops.resolve_impl(config.model.conv_impl),
+        "conv_impl": config.model.conv_impl,
+        "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
         "parallelism": config.parallelism,
         "load_avg_1min": [load_start, load_end],
     }
@@ -224,7 +243,7 @@ def format_results(r: dict[str, Any]) -> str:
         return "skipped" if v is None else format(v, spec)
     lines = [
         f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
-        f"({r['platform']}), conv impl {r['conv_impl']}, {r['parallelism']}",
+        f"({r['platform']}), conv impl {r['conv_impl']} {r['conv_impls_resolved']}, {r['parallelism']}",
         f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}",
         f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
         f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}",
