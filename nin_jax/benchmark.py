@@ -51,7 +51,8 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train and inference eac
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _INPUT_BATCHES = flags.DEFINE_integer(
-    "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it.")
+    "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it and "
+    "reports input/img_per_sec as null.")
 _PEAK_SIZES = flags.DEFINE_list(
     "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak (on a 2-core AVX2 CPU 2048 is the best).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
@@ -135,6 +136,12 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
     mesh = mesh_lib.create_mesh()
     mesh_lib.check_batch_divisible(config.batch_size)
+    # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
+    input_results: dict[str, Any] = {"input/img_per_sec": None}
+    if input_batches > 0:
+        from nin_jax import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
+
+        input_results = input_benchmark.measure_input_throughput(config, input_batches)
     data = mesh_lib.data_sharding(mesh)
     image_shape, num_classes = dataset_shape(config, data)
     dtype = train.compute_dtype(config)
@@ -217,7 +224,6 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "infer/mfu": fwd_flops * infer_ips / peak_flops,
         "infer/mfu_best_step": fwd_flops * batch_size / min(infer_times) / peak_flops,
         memory_key: memory_bytes,
-        "input/img_per_sec": None,
         "device_kind": device.device_kind,
         "platform": device.platform,
         "device_count": jax.device_count(),
@@ -230,10 +236,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "parallelism": config.parallelism,
         "load_avg_1min": [load_start, load_end],
     }
-    if input_batches > 0:
-        from nin_jax import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
-
-        results.update(input_benchmark.measure_input_throughput(config, input_batches))
+    results.update(input_results)
     return results
 
 
