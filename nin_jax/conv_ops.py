@@ -2,7 +2,7 @@
 
 On XLA:CPU the native `lax.conv_general_dilated` forward pass and its input gradient are fast (~110 and
 ~65 GFLOP/s for the NIN layers on a 2-core AVX2 CPU), but its kernel (weight) gradient degrades as the
-contraction k*k*cin shrinks: for NIN-CIFAR10's first layer (5x5, cin=3) it is ~10x slower than the same
+contraction k*k*cin shrinks: for NIN-CIFAR10's first layer (5x5, cin=3) it is ~3x slower than the same
 math as one GEMM. The implementations:
 
 * ``"xla"``: `lax.conv_general_dilated` for the value and (via autodiff) both gradients.
