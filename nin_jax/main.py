@@ -18,10 +18,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 class _QuietLibraries(logging.logging.Filter):
     """Keeps INFO chatter of Orbax and friends out of the training log (their warnings still show)."""
 
-    _NOISY = ("/orbax/", "/jax/_src/", "/clu/", "/tensorflow_datasets/")
+    _NOISY = ("/orbax/", "/jax/_src/", "/tensorflow_datasets/")
 
     def filter(self, record):
-        return record.levelno >= logging.WARNING or not any(p in record.pathname for p in self._NOISY)
+        return record.levelno >= logging.logging.WARNING or not any(p in record.pathname for p in self._NOISY)
 
 
 def main(argv):
