@@ -1,12 +1,8 @@
-"""Model FLOPs and accelerator peaks, for model FLOPs utilisation (MFU)."""
+"""Accelerator peak FLOP/s, for model FLOPs utilisation (MFU)."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
-
-from nin_jax import architectures
 
 # Dense peak FLOP/s per JAX device (bf16 / fp32 matmul), from the vendors' data sheets. On TPU v2/v3 a JAX
 # device is one core (half a chip); from v4 on it is a chip.
@@ -23,10 +19,6 @@ PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "NVIDIA H100": (989e12, 67e12),
     "NVIDIA H200": (989e12, 67e12),
 }
-
-
-def train_flops_per_image(rows: Sequence[architectures.LayerRow]) -> float:
-    return architectures.train_flops_per_image(rows)
 
 
 def peak_flops_per_device(half_precision: bool) -> float | None:

@@ -26,7 +26,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import checkpointing, hardware, input_pipeline, mesh as mesh_lib, models, optim
+from nin_jax import architectures, checkpointing, hardware, input_pipeline, mesh as mesh_lib, models, optim
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", and resumable by rerunning the command
 
@@ -339,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return json.loads(results_path.read_text())
 
     rows = models.model_layer_table(model, info.image_shape)
-    flops_per_image = hardware.train_flops_per_image(rows)
+    flops_per_image = architectures.train_flops_per_image(rows)
     num_params = models.count_params(state.params)
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief, asynchronous=True)
     metrics_log = MetricsLog(workdir_path / "metrics.jsonl", start_step, is_chief)
