@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Execution.
     config.half_precision = False  # bf16 compute, float32 params, loss and softmax
     config.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
-    config.num_cpu_devices = 8  # host devices on CPU; ignored if XLA_FLAGS already sets a count
+    config.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # also evaluates at the end
     config.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM

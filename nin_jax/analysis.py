@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "class_maps":
             cfg = evaluate.load_saved_config(args.workdir)
-            mesh_lib.use_host_devices(cfg.num_cpu_devices)  # before jax's backends start, as in training
+            mesh_lib.use_host_devices(cfg.num_cpu_devices, cfg.batch_size)  # before jax's backends start, as in training
             drawn = class_maps(args.workdir, args.out, num_images=args.num_images, split=args.split,
                                checkpoint=args.checkpoint, data_dir=args.data_dir)
             print(json.dumps(drawn))

@@ -4,14 +4,20 @@
         [--input_batches=0] [--config.num_cpu_devices=8] [--config.model.conv_impl=auto]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
-times `--steps` steps on a synthetic batch after `--warmup` steps, each to `block_until_ready`, and reports
-medians. MFU is achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over
-the matmul peak measured in the same process: every device multiplies square matrices at once, and on CPU,
-where host devices share the same cores, a single-device matmul counts too; the larger rate is the peak.
+runs `--steps` rounds on a synthetic batch after `--warmup` untimed steps. A round times, each to
+`block_until_ready`, the matmul peak, one train step and one inference step; throughputs are medians. MFU is
+achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the matmul peak
+of the same round, median over rounds: every device multiplies square matrices at once, and on CPU, where
+host devices share the same cores, a single-device matmul counts too; the larger rate is the peak.
 Peak memory is the process's peak RSS on CPU and the devices' `peak_bytes_in_use` elsewhere.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # before the heavy imports below: glibc's settings need a fresh process (hostenv)
+    from nin_jax import hostenv
+
+    hostenv.reexec_with_hugepages()
 
 import json
 import os
@@ -29,7 +35,7 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from nin_jax import architectures, conv_ops, mesh as mesh_lib, models, train
+from nin_jax import architectures, conv_ops, hostenv, mesh as mesh_lib, models, train
 
 # Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -120,15 +126,6 @@ def _peak_memory_bytes() -> tuple[str, float]:
     return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
-    """The implementation each block's KxK convolution resolves to (``auto`` is per layer)."""
-    impls, cin = [], in_channels
-    for b in model.blocks:
-        impls.append(conv_ops.resolve_impl(model.conv_impl, kernel_shape=(b.kernel, b.kernel, cin, b.widths[0])))
-        cin = b.widths[-1]
-    return impls
-
-
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
         peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
@@ -182,23 +179,32 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         holder["state"], m = train_step(holder["state"], batch)
         return holder["state"].step, m
 
-    # The peak is measured before and after the timed steps and the higher value kept (see measure_matmul_peak).
-    peak = measure_matmul_peak(mesh, jnp.float32, peak_sizes)
+    # Each round times a matmul peak, a train step and an inference step back to back, and its MFU divides by
+    # that round's peak: on a shared host the machine's speed drifts by 10-20% within minutes, and a peak
+    # from another minute would measure the drift. MFU is the median over rounds; `*/mfu_vs_max_peak` divides
+    # the median throughput by the highest peak of the whole run instead (the most conservative reading).
+    peak_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    for _ in range(warmup):
+        jax.block_until_ready(one_train_step())
+        jax.block_until_ready(infer(holder["state"], batch["image"]))
     load_start = os.getloadavg()[0]
-    train_times = _time_calls(one_train_step, steps, warmup)
-    infer_times = _time_calls(lambda: infer(holder["state"], batch["image"]), steps, warmup)
+    peaks, train_times, infer_times = [], [], []
+    for _ in range(steps):
+        peaks.append(measure_matmul_peak(mesh, peak_dtype, peak_sizes, reps=2)["peak"])
+        train_times += _time_calls(one_train_step, 1, 0)
+        infer_times += _time_calls(lambda: infer(holder["state"], batch["image"]), 1, 0)
     if trace_dir:
         with jax.profiler.trace(trace_dir):
             _time_calls(one_train_step, 3, 0)
     load_end = os.getloadavg()[0]
     memory_key, memory_bytes = _peak_memory_bytes()
 
-    peak_after = measure_matmul_peak(mesh, jnp.float32, peak_sizes)
-    peak = {k: max(v, peak_after[k]) for k, v in peak.items()}
+    f32 = measure_matmul_peak(mesh, jnp.float32, peak_sizes, reps=3)
     bf16 = measure_matmul_peak(mesh, jnp.bfloat16, peak_sizes, reps=3)
-    peak_flops = bf16["peak"] if config.half_precision else peak["peak"]
     train_ips = batch_size / statistics.median(train_times)
     infer_ips = batch_size / statistics.median(infer_times)
+    train_mfu = [train_flops * batch_size / t / p for t, p in zip(train_times, peaks)]
+    infer_mfu = [fwd_flops * batch_size / t / p for t, p in zip(infer_times, peaks)]
     device = jax.devices()[0]
     results: dict[str, Any] = {
         "train/img_per_sec": train_ips,
@@ -214,15 +220,17 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "gflops_per_image_forward": fwd_flops / 1e9,
         "train/gflops_per_sec": train_flops * train_ips / 1e9,
         "infer/gflops_per_sec": fwd_flops * infer_ips / 1e9,
-        "peak_gflops": peak_flops / 1e9,
-        "peak_gflops_f32": peak["peak"] / 1e9,
-        "peak_gflops_f32_all_devices": peak["all_devices"] / 1e9,
-        "peak_gflops_f32_one_device": peak["one_device"] / 1e9,
+        "peak_gflops": statistics.median(peaks) / 1e9,
+        "peak_gflops_max": max(peaks) / 1e9,
+        "peak_gflops_min": min(peaks) / 1e9,
+        "peak_gflops_f32": f32["peak"] / 1e9,
+        "peak_gflops_f32_all_devices": f32["all_devices"] / 1e9,
+        "peak_gflops_f32_one_device": f32["one_device"] / 1e9,
         "peak_gflops_bf16": bf16["peak"] / 1e9,
-        "train/mfu": train_flops * train_ips / peak_flops,
-        "train/mfu_best_step": train_flops * batch_size / min(train_times) / peak_flops,
-        "infer/mfu": fwd_flops * infer_ips / peak_flops,
-        "infer/mfu_best_step": fwd_flops * batch_size / min(infer_times) / peak_flops,
+        "train/mfu": statistics.median(train_mfu),
+        "train/mfu_vs_max_peak": train_flops * train_ips / max(peaks),
+        "infer/mfu": statistics.median(infer_mfu),
+        "infer/mfu_vs_max_peak": fwd_flops * infer_ips / max(peaks),
         memory_key: memory_bytes,
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -232,9 +240,11 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
         "conv_impl": config.model.conv_impl,
-        "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
+        "conv_impl_resolved": conv_ops.resolve_impl(config.model.conv_impl),
         "parallelism": config.parallelism,
         "load_avg_1min": [load_start, load_end],
+        "host_malloc_hugepages": hostenv.HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+        "transparent_hugepage_mode": hostenv.transparent_hugepage_mode(),
     }
     results.update(input_results)
     return results
@@ -246,20 +256,22 @@ def format_results(r: dict[str, Any]) -> str:
         return "skipped" if v is None else format(v, spec)
     lines = [
         f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
-        f"({r['platform']}), conv impl {r['conv_impl']} {r['conv_impls_resolved']}, {r['parallelism']}",
-        f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}",
+        f"({r['platform']}), conv impl {r['conv_impl']} ({r['conv_impl_resolved']}), {r['parallelism']}",
+        f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}{'vs max peak':>13}",
         f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
-        f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}",
+        f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}{r['train/mfu_vs_max_peak']:>13.3f}",
         f"{'inference':<22}{r['infer/img_per_sec']:>10.1f}{r['infer/step_ms_median']:>10.1f}"
-        f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}",
+        f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}{r['infer/mfu_vs_max_peak']:>13.3f}",
         f"{'input pipeline':<22}{fmt(r['input/img_per_sec'], '>10.1f')}",
         f"model GFLOP/image: forward {r['gflops_per_image_forward']:.3f}, train {r['gflops_per_image_train']:.3f}",
         f"matmul peak GFLOP/s: f32 {r['peak_gflops_f32']:.1f} (all devices {r['peak_gflops_f32_all_devices']:.1f}, "
-        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; MFU uses "
-        f"{r['peak_gflops']:.1f}",
+        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; per round "
+        f"(MFU's denominators) median {r['peak_gflops']:.1f}, min {r['peak_gflops_min']:.1f}, max "
+        f"{r['peak_gflops_max']:.1f}",
         f"train step ms: min {r['train/step_ms_min']:.1f} max {r['train/step_ms_max']:.1f}; compile "
         f"{r['compile_seconds']:.1f} s (inference {r['infer_compile_seconds']:.1f} s); load avg "
-        f"{r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}",
+        f"{r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}; malloc huge pages "
+        f"{'on' if r['host_malloc_hugepages'] else 'off'} (THP mode {r['transparent_hugepage_mode']})",
     ]
     for key in ("host_peak_rss_bytes", "device_peak_bytes"):
         if key in r:
@@ -276,7 +288,7 @@ def main(argv: Sequence[str]) -> None:
     config = config.copy_and_resolve_references()
     if _BATCH.value is not None:
         config.batch_size = _BATCH.value
-    mesh_lib.use_host_devices(config.num_cpu_devices)
+    mesh_lib.use_host_devices(config.num_cpu_devices, config.batch_size)
     results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
                   peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
     print(format_results(results), flush=True)

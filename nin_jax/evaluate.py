@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         saved = load_saved_config(args.workdir, arch=args.arch)
         # Before any computation initialises jax's backends, as in training.
-        mesh_lib.use_host_devices(saved.num_cpu_devices)
+        mesh_lib.use_host_devices(saved.num_cpu_devices, saved.batch_size)
         result = evaluate_checkpoint(args.workdir, args.split, args.checkpoint, arch=args.arch, data_dir=args.data_dir)
     except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,7 +11,6 @@ normalising) separately from the steady-state training-batch rate.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
@@ -19,7 +18,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from nin_jax import input_pipeline
+from nin_jax import input_pipeline, mesh as mesh_lib
 
 def measure_input_throughput(
     config: ml_collections.ConfigDict, num_batches: int = 100, *, cold: bool = True, warmup_batches: int = 5
@@ -63,8 +62,7 @@ def measure_input_throughput(
 
 
 def _report(config: ml_collections.ConfigDict, num_batches: int, as_json: bool) -> None:
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)  # the host devices training uses
+    mesh_lib.use_host_devices(config.num_cpu_devices, config.batch_size)  # the host devices training uses
     result = measure_input_throughput(config, num_batches)
     if as_json:
         print(json.dumps(result))

@@ -32,7 +32,7 @@ def main(argv):
     # Device setup must precede any other use of jax (hence the late imports).
     from nin_jax import mesh
 
-    mesh.use_host_devices(config.num_cpu_devices)
+    mesh.use_host_devices(config.num_cpu_devices, config.batch_size)
     mesh.maybe_initialize_distributed()
     import jax
 
@@ -49,4 +49,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from nin_jax import hostenv
+
+    hostenv.reexec_with_hugepages()
     app.run(main)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nin_jax import architectures, conv_ops
+from nin_jax import architectures, conv_ops, pooling
 from nin_jax.architectures import BlockSpec
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)
@@ -61,9 +61,9 @@ def caffe_pool(x: jax.Array, kind: str, window: int = 3, stride: int = 2) -> jax
     oh, ow = architectures.ceil_pool_size(h, window, stride), architectures.ceil_pool_size(w, window, stride)
     pad = ((0, (oh - 1) * stride + window - h), (0, (ow - 1) * stride + window - w))
     if kind == "max":
-        return nn.max_pool(x, (window, window), (stride, stride), padding=pad)
+        return pooling.max_pool(x, window, stride, pad)
     if kind == "avg":
-        return nn.avg_pool(x, (window, window), (stride, stride), padding=pad, count_include_pad=False)
+        return pooling.avg_pool(x, window, stride, pad)
     raise ValueError(f"unknown pooling {kind!r}; choose 'max' or 'avg'.")
 
 

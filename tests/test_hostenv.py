@@ -1,0 +1,49 @@
+"""hostenv: when and how the entry points restart themselves with glibc's huge-page tunable."""
+
+import subprocess
+import sys
+
+import pytest
+
+from nin_jax import hostenv, mesh
+
+
+def test_thp_mode_is_the_bracketed_word(tmp_path):
+    mode_file = tmp_path / "enabled"
+    mode_file.write_text("always [madvise] never\n")
+    assert hostenv.transparent_hugepage_mode(str(mode_file)) == "madvise"
+    assert hostenv.transparent_hugepage_mode(str(tmp_path / "missing")) is None
+
+
+def test_tunable_is_added_only_where_it_changes_something():
+    env = hostenv.hugepage_env({"PATH": "/bin"}, "madvise")
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    # Other tunables are kept.
+    env = hostenv.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "madvise")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert hostenv.hugepage_env({}, "always") is None  # the kernel already uses huge pages
+    assert hostenv.hugepage_env({}, "never") is None
+    assert hostenv.hugepage_env({}, None) is None
+    assert hostenv.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise") is None  # user's choice
+    assert hostenv.hugepage_env({"NIN_JAX_NO_REEXEC": "1"}, "madvise") is None
+
+
+@pytest.mark.skipif(hostenv.transparent_hugepage_mode() != "madvise" or not sys.platform.startswith("linux"),
+                    reason="re-execution only happens with THP in madvise mode")
+def test_reexec_keeps_the_command_and_sets_the_tunable():
+    code = ("import os, sys; from nin_jax import hostenv; print('start', flush=True); "
+            "hostenv.reexec_with_hugepages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "."}
+    out = subprocess.run([sys.executable, "-c", code, "--flag=1"], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    # The first start printed once, then the same command ran again with the tunable.
+    assert out[:3] == ["start", "start", "glibc.malloc.hugetlb=1 ['--flag=1']"]
+
+
+def test_host_device_count_defaults_to_a_divisor_of_the_batch_per_core(monkeypatch):
+    monkeypatch.setattr(mesh.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert mesh.host_device_count(0, 128) == 4  # 6 cores, but 128 splits evenly over at most 4
+    assert mesh.host_device_count(0, 96) == 6
+    assert mesh.host_device_count(3, 128) == 3  # an explicit count is kept (the mesh checks divisibility)
+    with pytest.raises(ValueError, match="num_cpu_devices=-1"):
+        mesh.host_device_count(-1, 128)
