@@ -14,7 +14,7 @@ and label smoothing, 200 epochs; expected about 92% (the Torch NIN-with-BN refer
 
 Expected runtime: the caffe recipe is 120k steps x 128 images x 1.305 GFLOP = 20 PFLOP of model compute,
 i.e. about 20 minutes on one TPU v4 chip at 15% MFU (an estimate from analytic FLOPs, not a measurement);
-on a 2-core CPU (~55 img/s) it would take ~3 days, so CPU runs use subsets (see the README).
+on a 2-core CPU (~80-95 img/s) it would take ~2 days, so CPU runs use subsets (see the README).
 """
 
 from configs import default

@@ -126,6 +126,15 @@ def _peak_memory_bytes() -> tuple[str, float]:
     return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
+    """The implementation each block's KxK convolution resolves to ("auto" is per layer on CPU)."""
+    impls = []
+    for block in model.blocks:
+        impls.append(conv_ops.resolve_impl(model.conv_impl, in_channels=in_channels))
+        in_channels = block.widths[-1]
+    return impls
+
+
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
         peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
@@ -240,7 +249,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
         "conv_impl": config.model.conv_impl,
-        "conv_impl_resolved": conv_ops.resolve_impl(config.model.conv_impl),
+        "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
         "parallelism": config.parallelism,
         "load_avg_1min": [load_start, load_end],
         "host_malloc_hugepages": hostenv.HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
@@ -256,7 +265,7 @@ def format_results(r: dict[str, Any]) -> str:
         return "skipped" if v is None else format(v, spec)
     lines = [
         f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
-        f"({r['platform']}), conv impl {r['conv_impl']} ({r['conv_impl_resolved']}), {r['parallelism']}",
+        f"({r['platform']}), conv impl {r['conv_impl']} {r['conv_impls_resolved']}, {r['parallelism']}",
         f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}{'vs max peak':>13}",
         f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
         f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}{r['train/mfu_vs_max_peak']:>13.3f}",

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import conv_ops
+from nin_jax import conv_ops, winograd
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,6 +58,37 @@ def test_impls_match_xla(shape):
         np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d/dkernel")
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}h{}w{}c{}d{}k{}s{}p{}".format(*s))
+def test_values_without_gradients_match_xla(shape):
+    # Outside differentiation each impl runs its primal path ("winograd": the Winograd transform).
+    b, h, w, cin, cout, k, stride, padding = shape
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = jnp.asarray(rng.standard_normal((b, h, w, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, cin, cout)) / k, jnp.float32)
+    ref = conv_ops.conv2d(x, kernel, stride=stride, padding=padding, impl="xla")
+    for impl in conv_ops.IMPLS[1:]:
+        y = jax.jit(lambda a, c: conv_ops.conv2d(a, c, stride=stride, padding=padding, impl=impl))(x, kernel)
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+def test_winograd_matrices_are_exact_and_nin_sized_layer_stays_within_1e5():
+    rng = np.random.default_rng(0)
+    for k in range(1, 8):
+        a_t, g, b_t = winograd.matrices(k)
+        d, f = rng.standard_normal(k + 1), rng.standard_normal(k)
+        direct = np.array([f @ d[i:i + k] for i in range(2)])
+        np.testing.assert_allclose(a_t @ ((g @ f) * (b_t @ d)), direct, atol=1e-12)
+    # NIN-CIFAR10's conv2 (5x5, 96 -> 192 channels) on post-ReLU inputs with He-scaled weights, against a
+    # float64 reference: float32 Winograd stays within the 1e-5 every impl is held to.
+    x = np.maximum(rng.standard_normal((1, 20, 20, 96)), 0)
+    kernel = rng.standard_normal((5, 5, 96, 192)) * np.sqrt(2 / (25 * 96))
+    with jax.enable_x64(True):
+        ref = np.asarray(jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), (1, 1), "VALID",
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    y = jax.jit(winograd.conv_valid)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_eager_matches_jit_and_auto_resolves():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((1, 6, 6, 3)), jnp.float32)
@@ -65,7 +96,9 @@ def test_eager_matches_jit_and_auto_resolves():
     eager = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl="auto")
     jitted = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=1, padding=1, impl="auto"))(x, kernel)
     np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
-    assert conv_ops.resolve_impl("auto", "cpu") == "hybrid"  # XLA's weight gradient is the slow path on CPU
+    # On CPU: GEMM weight gradients everywhere, and a Winograd value where the layer has many input channels.
+    assert conv_ops.resolve_impl("auto", "cpu", in_channels=3) == "hybrid"
+    assert conv_ops.resolve_impl("auto", "cpu", in_channels=96) == "winograd"
     assert conv_ops.resolve_impl("auto", "gpu") == "xla"
     assert conv_ops.resolve_impl("auto", "tpu") == "xla"
     assert conv_ops.resolve_impl("taps", "tpu") == "taps"
