@@ -1,7 +1,7 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
     python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
-        [--input_batches=0] [--config.num_cpu_devices=8] [--config.model.conv_impl=auto]
+        [--input_batches=0] [--config.num_cpu_devices=0] [--config.model.conv_impl=auto]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
 runs `--steps` rounds on a synthetic batch after `--warmup` untimed steps. A round times, each to
@@ -53,7 +53,7 @@ REQUIRED_KEYS = ("train/img_per_sec", "infer/img_per_sec", "compile_seconds", "g
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (train and inference each).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds, each a matmul peak, a train step and an inference step.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _INPUT_BATCHES = flags.DEFINE_integer(
@@ -130,7 +130,8 @@ def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
     """The implementation each block's KxK convolution resolves to ("auto" is per layer on CPU)."""
     impls = []
     for block in model.blocks:
-        impls.append(conv_ops.resolve_impl(model.conv_impl, in_channels=in_channels))
+        kernel_shape = (block.kernel, block.kernel, in_channels, block.widths[0])
+        impls.append(conv_ops.resolve_impl(model.conv_impl, kernel_shape=kernel_shape, stride=block.stride))
         in_channels = block.widths[-1]
     return impls
 
@@ -189,7 +190,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         return holder["state"].step, m
 
     # Each round times a matmul peak, a train step and an inference step back to back, and its MFU divides by
-    # that round's peak: on a shared host the machine's speed drifts by 10-20% within minutes, and a peak
+    # that round's peak: on a shared host the machine's speed drifts by 10-50% within minutes, and a peak
     # from another minute would measure the drift. MFU is the median over rounds; `*/mfu_vs_max_peak` divides
     # the median throughput by the highest peak of the whole run instead (the most conservative reading).
     peak_dtype = jnp.bfloat16 if config.half_precision else jnp.float32

@@ -19,7 +19,8 @@ over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
   `nin_jax.winograd`: 2.8x fewer multiplies for 5x5, float32 error within 1e-5); under differentiation
   exactly "hybrid".
 * ``"auto"``: ``"xla"`` on GPU/TPU (their native convolutions are the fast path); on CPU ``"winograd"``
-  for layers with at least `WINOGRAD_MIN_CHANNELS` input channels and ``"hybrid"`` below.
+  for stride-1 layers with a kernel size in `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS`
+  input channels, ``"hybrid"`` for the others.
 
 Strides > 1 are reduced to stride 1 by space-to-depth for every non-"xla" impl (an s x s pixel block
 becomes s*s*cin channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so
@@ -45,18 +46,25 @@ FULL_IM2COL_MAX_CONTRACTION = 512
 # 96 and 192 channels: ~1.6x faster than XLA's convolution); on few channels (conv1: 3) the transformed
 # 192-channel output tiles cost more memory traffic than the multiplies saved.
 WINOGRAD_MIN_CHANNELS = 64
+# Kernel sizes "auto" computes by Winograd: those whose float32 error is tested (tests/test_conv_ops.py);
+# the error grows quickly with larger kernels (more, and larger, interpolation points).
+WINOGRAD_KERNEL_SIZES = (3, 5)
 
 
-def resolve_impl(impl: str, backend: str | None = None, in_channels: int | None = None) -> str:
+def resolve_impl(impl: str, backend: str | None = None, kernel_shape: tuple[int, ...] | None = None,
+                 stride: int = 1) -> str:
     """Map ``impl`` (one of `CHOICES`) to a concrete implementation for ``backend`` (default: jax's) and,
-    for "auto" on CPU, a layer with ``in_channels`` inputs."""
+    for "auto" on CPU, a layer with an HWIO ``kernel_shape`` and ``stride``."""
     if impl not in CHOICES:
         raise ValueError(f"conv impl {impl!r} is not one of {CHOICES} (config.model.conv_impl)")
     if impl != "auto":
         return impl
     if (backend or jax.default_backend()) != "cpu":
         return "xla"
-    return "winograd" if in_channels is not None and in_channels >= WINOGRAD_MIN_CHANNELS else "hybrid"
+    if (kernel_shape is not None and stride == 1 and kernel_shape[0] in WINOGRAD_KERNEL_SIZES
+            and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS):
+        return "winograd"
+    return "hybrid"
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -78,7 +86,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0
     for size in x.shape[1:3]:
         if size + 2 * padding < k:
             raise ValueError(f"kernel {k} larger than padded input {size}+2*{padding} (x {x.shape})")
-    impl = resolve_impl(impl, in_channels=cin)
+    impl = resolve_impl(impl, kernel_shape=kernel.shape, stride=stride)
     if impl == "xla":
         return lax.conv_general_dilated(
             x, kernel, window_strides=(stride, stride), padding=((padding, padding),) * 2,
@@ -180,6 +188,7 @@ def _taps_bwd(padding, res, g):
 
 _taps.defvjp(_taps_fwd, _taps_bwd)
 
+
 def _xla_s1(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     """Stride-1 XLA convolution; ``padding`` may be negative (crops)."""
     return lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=((padding, padding),) * 2,
@@ -226,7 +235,6 @@ def _patch_gemm_dw(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...]) -
 
 
 _hybrid.defvjp(_hybrid_fwd, _hybrid_bwd)
-
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -2,7 +2,7 @@
 
 XLA:CPU allocates its activations and temporaries with malloc. Buffers of tens of MB are mmap-ed fresh for
 every step, and with the kernel's transparent huge pages in ``madvise`` mode (the common default) they fault
-in 4 KiB at a time: on a 2-core CPU the NIN-CIFAR10 training step spent ~15-25% of its time there. glibc
+in 4 KiB at a time: on a 2-core CPU huge pages made the NIN-CIFAR10 step 3-25% faster, run to run. glibc
 advises huge pages for its allocations when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; glibc
 reads that only at startup, so the command-line entry points re-execute themselves once with it set.
 """

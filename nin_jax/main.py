@@ -32,7 +32,11 @@ def main(argv):
     # Device setup must precede any other use of jax (hence the late imports).
     from nin_jax import mesh
 
-    mesh.use_host_devices(config.num_cpu_devices, config.batch_size)
+    try:
+        mesh.use_host_devices(config.num_cpu_devices, config.batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     mesh.maybe_initialize_distributed()
     import jax
 

@@ -24,7 +24,7 @@ def host_device_count(requested: int, batch_size: int) -> int:
 
 
 # XLA:CPU runs independent ops of one program concurrently with this scheduler; measured on a 2-core CPU
-# (NIN-CIFAR10, 2 devices) it made the training step ~5% and inference ~10% faster.
+# (NIN-CIFAR10, 2 devices, alternating runs) inference was 3-10% faster, training within noise.
 CPU_XLA_FLAGS = ("--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",)
 
 
@@ -33,7 +33,7 @@ def use_host_devices(count: int, batch_size: int) -> None:
     chose a count, and adds `CPU_XLA_FLAGS` that XLA_FLAGS does not set.
 
     Measured on a 2-core CPU (NIN-CIFAR10, batch 128): one device per core trains ~1.4x faster than a single
-    device, and ahead of 4 or 8 devices, which time-share the cores. Must run before jax initialises its
+    device, and ~8% faster than 8 devices, which time-share the cores. Must run before jax initialises its
     backends; accelerators ignore it.
     """
     flags = os.environ.get("XLA_FLAGS", "")

@@ -78,15 +78,17 @@ def test_winograd_matrices_are_exact_and_nin_sized_layer_stays_within_1e5():
         d, f = rng.standard_normal(k + 1), rng.standard_normal(k)
         direct = np.array([f @ d[i:i + k] for i in range(2)])
         np.testing.assert_allclose(a_t @ ((g @ f) * (b_t @ d)), direct, atol=1e-12)
-    # NIN-CIFAR10's conv2 (5x5, 96 -> 192 channels) on post-ReLU inputs with He-scaled weights, against a
-    # float64 reference: float32 Winograd stays within the 1e-5 every impl is held to.
-    x = np.maximum(rng.standard_normal((1, 20, 20, 96)), 0)
-    kernel = rng.standard_normal((5, 5, 96, 192)) * np.sqrt(2 / (25 * 96))
-    with jax.enable_x64(True):
-        ref = np.asarray(jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), (1, 1), "VALID",
-                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")))
-    y = jax.jit(winograd.conv_valid)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # NIN-CIFAR10's conv2 (5x5, 96 -> 192 channels) and conv3 (3x3, 192 -> 192) on post-ReLU inputs with
+    # He-scaled weights, against a float64 reference: float32 Winograd stays within the 1e-5 every impl is
+    # held to (with the points 0, 1, -1, 2, 1/2 instead, conv2 has 30 values outside it).
+    for k, cin, cout in [(5, 96, 192), (3, 192, 192)]:
+        x = np.maximum(rng.standard_normal((1, 20, 20, cin)), 0)
+        kernel = rng.standard_normal((k, k, cin, cout)) * np.sqrt(2 / (k * k * cin))
+        with jax.enable_x64(True):
+            ref = np.asarray(jax.lax.conv_general_dilated(jnp.asarray(x), jnp.asarray(kernel), (1, 1), "VALID",
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        y = jax.jit(winograd.conv_valid)(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32))
+        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=f"{k}x{k}")
 
 
 def test_eager_matches_jit_and_auto_resolves():
@@ -96,9 +98,13 @@ def test_eager_matches_jit_and_auto_resolves():
     eager = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl="auto")
     jitted = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=1, padding=1, impl="auto"))(x, kernel)
     np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
-    # On CPU: GEMM weight gradients everywhere, and a Winograd value where the layer has many input channels.
-    assert conv_ops.resolve_impl("auto", "cpu", in_channels=3) == "hybrid"
-    assert conv_ops.resolve_impl("auto", "cpu", in_channels=96) == "winograd"
+    # On CPU: GEMM weight gradients everywhere, and a Winograd value for stride-1 3x3/5x5 layers with many
+    # input channels.
+    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 3, 192)) == "hybrid"
+    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 96, 192)) == "winograd"
+    assert conv_ops.resolve_impl("auto", "cpu", (3, 3, 192, 192)) == "winograd"
+    assert conv_ops.resolve_impl("auto", "cpu", (3, 3, 192, 192), stride=2) == "hybrid"
+    assert conv_ops.resolve_impl("auto", "cpu", (11, 11, 96, 96)) == "hybrid"  # float32 error not tested
     assert conv_ops.resolve_impl("auto", "gpu") == "xla"
     assert conv_ops.resolve_impl("auto", "tpu") == "xla"
     assert conv_ops.resolve_impl("taps", "tpu") == "taps"
