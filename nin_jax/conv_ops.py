@@ -15,9 +15,8 @@ over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
 * ``"taps"``: the sum over the k*k taps of ``x_shifted @ W[tap]``, with a `jax.custom_vjp` whose
   backward is per-tap matmuls too (``dX`` = the same sum for g and the flipped, transposed kernel,
   ``dW[tap] = x_shifted^T @ g``). No patch matrix, but contractions only cin long.
-* ``"winograd"``: without gradients (inference, evaluation) the value by Winograd F(2x2, kxk) (see
-  `nin_jax.winograd`: 2.8x fewer multiplies for 5x5, float32 error within 1e-5); under differentiation
-  exactly "hybrid".
+* ``"winograd"``: the value, dX and dW by Winograd F(2x2, kxk) (see `nin_jax.winograd`: 2.8x fewer
+  multiplies for 5x5, float32 error within 1e-5); a `jax.custom_vjp`.
 * ``"auto"``: ``"xla"`` on GPU/TPU (their native convolutions are the fast path); on CPU ``"winograd"``
   for stride-1 layers with a kernel size in `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS`
   input channels, ``"hybrid"`` for the others.
@@ -242,10 +241,18 @@ def _winograd(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
     return winograd.conv_valid(_pad_hw(x, padding), kernel)
 
 
-# Under differentiation (training) this is "hybrid": XLA's convolution for the value and dX, GEMMs for dW.
-# Measured inside the NIN-CIFAR10 training step, a Winograd value or dX was no faster there (its large
-# transformed tiles compete for memory bandwidth with the rest of the step), while without gradients
-# (inference, evaluation) the Winograd value makes the whole forward pass ~25% faster.
-_winograd.defvjp(_hybrid_fwd, _hybrid_bwd)
+def _winograd_fwd(x, kernel, padding):
+    return _winograd(x, kernel, padding), (x, kernel)
+
+
+def _winograd_bwd(padding, res, g):
+    x, kernel = res
+    k = kernel.shape[0]
+    # dX: the correlation of g with the flipped, transposed kernel, by Winograd as well.
+    dx = winograd.conv_valid(_pad_hw(g, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    return dx, winograd.kernel_grad(_pad_hw(x, padding), g, k)
+
+
+_winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
 _CONV_S1 = {"im2col": _im2col, "hybrid": _hybrid, "taps": _taps, "winograd": _winograd}
