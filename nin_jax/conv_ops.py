@@ -242,15 +242,18 @@ def _winograd(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
 
 
 def _winograd_fwd(x, kernel, padding):
-    return _winograd(x, kernel, padding), (x, kernel)
+    xp = _pad_hw(x, padding)
+    # The transformed input tiles are kept for the weight gradient rather than computed again there.
+    tiles = winograd.input_tiles(xp, kernel.shape[0])
+    return winograd.conv_valid(xp, kernel, tiles), (tiles, kernel)
 
 
 def _winograd_bwd(padding, res, g):
-    x, kernel = res
+    tiles, kernel = res
     k = kernel.shape[0]
     # dX: the correlation of g with the flipped, transposed kernel, by Winograd as well.
     dx = winograd.conv_valid(_pad_hw(g, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    return dx, winograd.kernel_grad(_pad_hw(x, padding), g, k)
+    return dx, winograd.kernel_grad(tiles, g, k)
 
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
