@@ -77,8 +77,11 @@ def _tiles(xp: jax.Array, k: int) -> tuple[int, int, int, int]:
     return out_h, out_w, -(-out_h // TILE), -(-out_w // TILE)
 
 
-def input_tiles(xp: jax.Array, k: int) -> jax.Array:
-    """``V = B^T d B`` of every input tile d of ``xp``: shape (n*n, b*th*tw, cin)."""
+def input_tiles(xp: jax.Array, k: int) -> list[jax.Array]:
+    """``V = B^T d B`` of every input tile d of ``xp``: n*n arrays (one per tile position), each (b*th*tw, cin).
+
+    Kept as separate arrays, not stacked: XLA computes each in one fused pass, and a stack would copy all.
+    """
     m, n = TILE, TILE + k - 1
     b_t = matrices(k)[2]
     b, h, w, cin = xp.shape
@@ -91,14 +94,14 @@ def input_tiles(xp: jax.Array, k: int) -> jax.Array:
              for c in range(n)] for r in range(n)]
     # Row transform then column transform, as sparse constant combinations XLA fuses.
     rows_t = [[_combine([cols[r][c] for r in range(n)], b_t[i]) for c in range(n)] for i in range(n)]
-    return jnp.stack([_combine(rows_t[i], b_t[j]) for i in range(n) for j in range(n)]).reshape(n * n, -1, cin)
+    return [_combine(rows_t[i], b_t[j]).reshape(-1, cin) for i in range(n) for j in range(n)]
 
 
 def _g_matrix(k: int) -> np.ndarray:
     return matrices(k)[1].astype(np.float32)
 
 
-def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: jax.Array | None = None) -> jax.Array:
+def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: list[jax.Array] | None = None) -> jax.Array:
     """Valid stride-1 correlation of NHWC ``xp`` with HWIO ``kernel`` (square k x k), by F(2x2, k x k).
 
     ``tiles``: ``input_tiles(xp, k)`` if already computed.
@@ -112,14 +115,14 @@ def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: jax.Array | None = None)
     u = jnp.einsum("ia,abcd,jb->ijcd", g, kernel, g,
                    precision=lax.Precision.HIGHEST).astype(kernel.dtype).reshape(n * n, cin, cout)
     # One GEMM per tile position, summing over input channels.
-    prod = jnp.einsum("tnc,tcd->tnd", tiles, u).reshape(n, n, b, th, tw, cout)
+    prod = [(tiles[t] @ u[t]).reshape(b, th, tw, cout) for t in range(n * n)]
     # Y = A^T M A, then the m x m output phases interleave into the image.
-    rows_y = [[_combine([prod[i, j] for i in range(n)], a_t[p]) for j in range(n)] for p in range(m)]
+    rows_y = [[_combine([prod[i * n + j] for i in range(n)], a_t[p]) for j in range(n)] for p in range(m)]
     y = jnp.stack([jnp.stack([_combine(rows_y[p], a_t[q]) for q in range(m)], axis=3) for p in range(m)], axis=2)
     return y.reshape(b, th * m, tw * m, cout)[:, :out_h, :out_w]
 
 
-def kernel_grad(tiles: jax.Array, g: jax.Array, k: int) -> jax.Array:
+def kernel_grad(tiles: list[jax.Array], g: jax.Array, k: int) -> jax.Array:
     """Gradient of ``sum(conv_valid(xp, kernel) * g)`` with respect to the (k, k, cin, cout) kernel, given the
     input's ``tiles = input_tiles(xp, k)``.
 
@@ -130,12 +133,12 @@ def kernel_grad(tiles: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """
     m, n = TILE, TILE + k - 1
     a_t, gm = matrices(k)[0], _g_matrix(k)
-    cin, cout = tiles.shape[-1], g.shape[-1]
+    cin, cout = tiles[0].shape[-1], g.shape[-1]
     out_h, out_w = g.shape[1:3]
     th, tw = -(-out_h // m), -(-out_w // m)
     g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, th * m - out_h, 0), (0, tw * m - out_w, 0), (0, 0, 0)))
     phases = [[g[:, p::m, q::m] for q in range(m)] for p in range(m)]
     rows = [[_combine([phases[p][q] for p in range(m)], a_t[:, i]) for q in range(m)] for i in range(n)]
-    dm = jnp.stack([_combine(rows[i], a_t[:, j]) for i in range(n) for j in range(n)]).reshape(n * n, -1, cout)
-    du = jnp.einsum("tnc,tnd->tcd", tiles, dm).reshape(n, n, cin, cout)
+    dm = [_combine(rows[i], a_t[:, j]).reshape(-1, cout) for i in range(n) for j in range(n)]
+    du = jnp.stack([tiles[t].T @ dm[t] for t in range(n * n)]).reshape(n, n, cin, cout)
     return jnp.einsum("ia,ijcd,jb->abcd", gm, du, gm, precision=lax.Precision.HIGHEST).astype(g.dtype)
