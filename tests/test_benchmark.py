@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import digits
-from nin_jax import benchmark, mesh as mesh_lib
+from nin_jax import architectures, benchmark, mesh as mesh_lib, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,9 +39,25 @@ def test_cli_writes_json_with_all_keys(tmp_path):
         assert r[f"{part}/mfu_vs_max_peak"] == pytest.approx(
             r[f"{part}/img_per_sec"] * r[gflops] / r["peak_gflops_max"])
         assert r[f"{part}/mfu"] >= r[f"{part}/mfu_vs_max_peak"] * (1 - 1e-9)
+        assert r[f"{part}/hfu"] == pytest.approx(r[f"{part}/mfu"] * r[f"{gflops}_executed"] / r[gflops])
     assert r["peak_gflops_min"] <= r["peak_gflops"] <= r["peak_gflops_max"]
     assert r["gflops_per_image_train"] > 2.5 * r["gflops_per_image_forward"]
     assert r["host_peak_rss_bytes"] > 0
+
+
+def test_executed_flops_count_winograd_multiplies():
+    cfg = models.preset_config("nin_cifar10")
+    model = models.create_model(cfg, 10)
+    rows = models.model_layer_table(model, (32, 32, 3))
+    forward, train_step = architectures.forward_flops_per_image(rows), architectures.train_flops_per_image(rows)
+    # On CPU, auto runs conv2 (5x5, 96->192, 16x16 output) and conv3 (3x3, 192->192, 8x8) by F(2x2, kxk):
+    # per 2x2 output tile (k+1)^2 products per channel pair instead of 4 k^2.
+    saved_macs = (16 * 16 * 25 - 8 * 8 * 36) * 96 * 192 + (8 * 8 * 9 - 4 * 4 * 16) * 192 * 192
+    executed = benchmark.executed_flops_per_image(model, rows, 3)
+    assert executed == pytest.approx((forward - 2 * saved_macs, train_step - 3 * 2 * saved_macs))
+    assert executed[0] == pytest.approx(0.2703e9, rel=1e-3)
+    hybrid = models.create_model(models.preset_config("nin_cifar10", conv_impl="hybrid"), 10)
+    assert benchmark.executed_flops_per_image(hybrid, rows, 3) == (forward, train_step)
 
 
 def test_matmul_peak_is_positive_and_covers_one_device():
