@@ -152,8 +152,8 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
         out_h, out_w, _ = row.out_shape
         # A stride-s conv runs as a stride-1 conv with ceil(k/s)-tap kernels on s*s times the channels.
         k, s = block.kernel, block.stride
-        taps = (-(-out_h // winograd.TILE) * -(-out_w // winograd.TILE) * (-(-k // s) + winograd.TILE - 1) ** 2
-                * s * s)
+        th, tw = winograd.tile_grid(out_h, out_w)
+        taps = th * tw * (-(-k // s) + winograd.TILE - 1) ** 2 * s * s
         saved = 2.0 * row.macs * (1.0 - taps / (out_h * out_w * k * k))
         forward -= saved
         train_step -= saved * (2 if row.name == first_conv else 3)  # the first layer has no input gradient

@@ -71,10 +71,15 @@ def _combine(terms: list[jax.Array], weights: np.ndarray) -> jax.Array:
     return out if out is not None else jnp.zeros_like(terms[0])
 
 
+def tile_grid(out_h: int, out_w: int) -> tuple[int, int]:
+    """Tiles ``(th, tw)`` covering an out_h x out_w output (a partial last tile counts)."""
+    return -(-out_h // TILE), -(-out_w // TILE)
+
+
 def _tiles(xp: jax.Array, k: int) -> tuple[int, int, int, int]:
     """Output size and tile grid ``(out_h, out_w, th, tw)`` of a valid k x k correlation of NHWC ``xp``."""
     out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
-    return out_h, out_w, -(-out_h // TILE), -(-out_w // TILE)
+    return out_h, out_w, *tile_grid(out_h, out_w)
 
 
 def input_tiles(xp: jax.Array, k: int) -> list[jax.Array]:
@@ -135,7 +140,7 @@ def kernel_grad(tiles: list[jax.Array], g: jax.Array, k: int) -> jax.Array:
     a_t, gm = matrices(k)[0], _g_matrix(k)
     cin, cout = tiles[0].shape[-1], g.shape[-1]
     out_h, out_w = g.shape[1:3]
-    th, tw = -(-out_h // m), -(-out_w // m)
+    th, tw = tile_grid(out_h, out_w)
     g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (0, th * m - out_h, 0), (0, tw * m - out_w, 0), (0, 0, 0)))
     phases = [[g[:, p::m, q::m] for q in range(m)] for p in range(m)]
     rows = [[_combine([phases[p][q] for p in range(m)], a_t[:, i]) for q in range(m)] for i in range(n)]
