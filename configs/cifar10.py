@@ -17,7 +17,7 @@ i.e. about 20 minutes on one TPU v4 chip at 15% MFU (an estimate from analytic F
 on a 2-core CPU (~80-95 img/s) it would take ~2 days, so CPU runs use subsets (see the README).
 """
 
-from configs import default
+from nin_jax import config as default
 
 
 def get_config(recipe: str = "caffe"):

@@ -12,11 +12,13 @@ mean-loss convention. The cuda-convnet pooling (pool2 max) is kept. Schedule as 
 Expected runtime: ~20 minutes on one TPU v4 chip (analytic estimate at 15% MFU, not measured).
 """
 
-from configs import cifar10
+import pathlib
+
+from nin_jax.config import load_config_file
 
 
 def get_config(recipe: str = "caffe"):
-    config = cifar10.get_config(recipe)
+    config = load_config_file(str(pathlib.Path(__file__).with_name("cifar10.py")), recipe)
     config.dataset = "cifar100"
     config.model.arch = "nin_cifar100"
     if recipe == "caffe":

@@ -1,4 +1,4 @@
-"""Every configuration field, with defaults. The dataset configs start from this one.
+"""Every configuration field, with its default (defined once, in `nin_jax/config.py`).
 
     python -m nin_jax.main --config=configs/default.py --workdir=/tmp/nin_default
 
@@ -6,87 +6,4 @@ trains NIN-CIFAR10 on TFDS `cifar10` (prepared beforehand, see the README) with 
 Prefer the dataset configs (`configs/cifar10.py`, ...), whose docstrings give expected results.
 """
 
-import ml_collections
-
-
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-
-    # Data. Splits are TFDS split strings; slices such as 'train[:45000]' work for every dataset.
-    config.dataset = "cifar10"  # digits | mnist | cifar10 | cifar100 | svhn_cropped | imagenet2012 | image_folder
-    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir, or the image-folder root
-    config.cache_dir = ml_collections.config_dict.placeholder(str)  # fitted ZCA/statistics (default ~/.cache/nin_jax)
-    config.train_split = "train"
-    config.eval_split = "test"
-    config.image_size = ml_collections.config_dict.placeholder(int)  # None: the dataset's own size
-    config.preprocess = "standardize"  # standardize | gcn_zca | gcn_lcn | scale
-    config.zca_filter_bias = 0.1
-    config.gcn_scale = 55.0
-    config.augment = ml_collections.ConfigDict()
-    config.augment.translate = 4  # pixels of random translation (pad + crop); 0 disables
-    config.augment.flip = True  # random horizontal flip
-    config.augment.random_resized_crop = False  # Inception-style crops (ImageNet)
-    config.augment.eval_resize = 256  # ImageNet eval: resize the short side, then center-crop image_size
-
-    # Model: the ablation switches of the paper.
-    config.model = ml_collections.ConfigDict()
-    config.model.arch = "nin_cifar10"  # nin_cifar10 | nin_cifar100 | nin_svhn | nin_mnist | nin_imagenet | nin_digits
-    config.model.head = "gap"  # gap | fc
-    config.model.fc_input = "class_maps"  # what the FC head reads: class_maps (flattened) | features (last hidden)
-    config.model.fc_dropout = 0.0  # dropout before the FC layer
-    config.model.mlp_layers = -1  # 1x1 layers per block; -1: the preset's (2); 0: plain conv
-    config.model.batch_norm = False
-    config.model.width = 1.0  # multiplier on hidden channels
-    config.model.blocks = ""  # custom block list, e.g. "5:192-160-96:max, 5:192-192-192:max, 3:192-192-C"
-    config.model.dropout_rate = 0.5  # after every block but the last
-    config.model.pool2 = "preset"  # preset (max, cuda-convnet) | max | avg (the Caffe model-zoo gist)
-    config.model.class_map_relu = True  # ReLU on the class maps, as in every original config
-    config.model.init = "he"  # he | caffe (the original per-layer Gaussian stds)
-    config.model.conv_impl = "auto"  # KxK conv arithmetic: auto picks per backend
-
-    # Optimisation. recipe='caffe' is the original solver; 'modern' is cosine + warmup + label smoothing.
-    config.recipe = "modern"
-    config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 0.1  # base LR at batch_size (not rescaled automatically)
-    config.optim.momentum = 0.9
-    config.optim.nesterov = False
-    config.optim.weight_decay = 5e-4  # L2 on weights only (never on biases or BN parameters)
-    config.optim.bias_lr_mult = 1.0  # caffe recipe: 2.0
-    config.optim.output_lr_mult = 1.0  # LR multiplier of the class-map layer (caffe: 0.1 on cccp6)
-    config.optim.lr_boundaries_epochs = ()  # caffe recipe: step schedule, LR *= lr_decay at each boundary
-    config.optim.lr_decay = 0.1
-    config.optim.warmup_epochs = 0.0  # modern recipe: linear warmup, then cosine to 0
-    config.optim.label_smoothing = 0.0
-    config.optim.grad_clip_norm = 0.0  # 0 disables
-
-    # Duration and batch.
-    config.batch_size = 128  # global, over all devices and hosts
-    config.eval_batch_size = 512
-    config.num_epochs = 100.0
-    config.num_train_steps = -1  # > 0 overrides num_epochs
-    config.seed = 0
-
-    # Execution.
-    config.half_precision = False  # bf16 compute, float32 params, loss and softmax
-    config.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
-    config.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
-    config.log_every_steps = 50
-    config.eval_every_steps = 1000  # also evaluates at the end
-    config.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
-    config.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
-    config.profile = False  # a TensorBoard profile of a few steps after warm-up
-    return config
-
-
-def use_caffe_solver(config: ml_collections.ConfigDict, *, learning_rate: float, weight_decay: float,
-                     output_lr_mult: float, lr_boundaries_epochs: tuple[float, ...]) -> None:
-    """The original NIN solver: Caffe SGD, momentum 0.9, bias LR x2, step schedule (LR /10 per boundary)."""
-    config.recipe = "caffe"
-    config.model.init = "caffe"
-    config.optim.learning_rate = learning_rate
-    config.optim.momentum = 0.9
-    config.optim.weight_decay = weight_decay
-    config.optim.bias_lr_mult = 2.0
-    config.optim.output_lr_mult = output_lr_mult
-    config.optim.lr_boundaries_epochs = tuple(lr_boundaries_epochs)
-    config.optim.lr_decay = 0.1
+from nin_jax.config import get_config  # noqa: F401

@@ -7,7 +7,7 @@ digits and evaluates on the 297 held-out ones. Expected: eval/top1 >= 0.97; meas
 in 20 s on a 2-core CPU (2 host devices).
 """
 
-from configs import default
+from nin_jax import config as default
 
 
 def get_config():

@@ -13,7 +13,7 @@ Expected: ~59% top-1. Runtime: 450k x 64 x 6.4 GFLOP = 184 PFLOP, about 4 hours 
 15% MFU (analytic estimate, not measured); the model zoo took 4-5 days on one GTX Titan.
 """
 
-from configs import default
+from nin_jax import config as default
 
 
 def get_config():

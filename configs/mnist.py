@@ -11,7 +11,7 @@ Expected runtime: 100 epochs x 60k x 0.30 GFLOP = 1.8 PFLOP, a few minutes on on
 estimate at 15% MFU, not measured); about 1 hour per epoch on a 2-core CPU.
 """
 
-from configs import default
+from nin_jax import config as default
 
 
 def get_config():

@@ -14,7 +14,7 @@ Expected runtime: 40 epochs x 604k x 1.63 GFLOP = 39 PFLOP, about 40 minutes on 
 (analytic estimate, not measured).
 """
 
-from configs import default
+from nin_jax import config as default
 
 
 def get_config():

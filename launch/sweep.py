@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 
-from nin_jax import sweeps  # noqa: E402  (after the path)
+from nin_jax.tools import sweeps
 
 
 def _describe() -> str:

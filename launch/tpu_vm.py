@@ -33,9 +33,8 @@ import sys
 from typing import Callable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # run as a script
 
-from nin_jax import sweeps  # noqa: E402  (after the path)
+from nin_jax.tools import sweeps
 
 # Remote paths are relative to the home directory, where ssh commands start and scp paths are resolved.
 REMOTE_DIR = "nin_jax"

@@ -53,7 +53,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from nin_jax import hostenv
+    from nin_jax.cpu import hostenv
 
     hostenv.reexec_with_hugepages()
     app.run(main)

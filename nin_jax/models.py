@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nin_jax import architectures, conv_ops, pooling
+from nin_jax import architectures
+from nin_jax.cpu import conv as conv_ops, pooling
 from nin_jax.architectures import BlockSpec
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)

@@ -1,12 +1,10 @@
 """Test-wide setup: eight host CPU devices, so meshes and shardings are exercised without accelerators."""
 
 import os
-import sys
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 

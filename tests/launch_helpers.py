@@ -19,8 +19,7 @@ DIGITS = os.path.join(REPO, "configs", "digits.py")
 
 def sweep_cli():
     """launch/sweep.py as a module."""
-    sys.path.insert(0, os.path.join(REPO, "launch"))
-    import sweep
+    from launch import sweep  # pylint: disable=g-import-not-at-top
 
     return sweep
 

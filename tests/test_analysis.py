@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import launch_helpers
-from nin_jax import analysis
+from nin_jax.tools import analysis
 
 
 def test_class_maps_png(tmp_path):

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import digits
-from nin_jax import architectures, benchmark, mesh as mesh_lib, models
+from nin_jax import architectures, mesh as mesh_lib, models
+from nin_jax.tools import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

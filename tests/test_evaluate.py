@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from nin_jax import checkpointing, evaluate
+from nin_jax import checkpointing
+from nin_jax.tools import evaluate
 import launch_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,8 +8,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import tpu_vm  # noqa: E402  (launch/tpu_vm.py)
+from launch import tpu_vm
 
 VM_ARGS = ["--name=nin-a", "--zone=us-central2-b", "--accelerator_type=v4-16", "--project=proj", "--dry_run"]
 TAIL = ["--zone=us-central2-b", "--project=proj"]

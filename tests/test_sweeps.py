@@ -9,7 +9,8 @@ from PIL import Image
 
 import launch_helpers
 from configs import default
-from nin_jax import analysis, architectures, sweeps
+from nin_jax import architectures
+from nin_jax.tools import analysis, sweeps
 
 DIGITS = launch_helpers.DIGITS
 sweep_cli = launch_helpers.sweep_cli()

@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping, Sequence
 import ml_collections
 from etils import epath
 
+from nin_jax import config as config_lib
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -133,14 +135,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 
 def load_config(path: str) -> ml_collections.ConfigDict:
     """`get_config()` of a config file (the repository root is importable, as for `nin_jax.main`)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--config={path} does not exist; pass a config file such as configs/digits.py.")
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    spec = importlib.util.spec_from_file_location("_sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_lib.load_config_file(path)
 
 
 def check_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str) -> None:

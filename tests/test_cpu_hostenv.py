@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nin_jax import hostenv, mesh
+from nin_jax import mesh
+from nin_jax.cpu import hostenv
 
 
 def test_thp_mode_is_the_bracketed_word(tmp_path):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import pooling
+from nin_jax.cpu import pooling
 
 # (input shape, window, stride, ((top, bottom), (left, right)) padding)
 CASES = [

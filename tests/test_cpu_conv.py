@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nin_jax import conv_ops, winograd
+from nin_jax.cpu import conv as conv_ops, winograd
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nin_jax import winograd
+from nin_jax.cpu import winograd
 
 IMPLS = ("xla", "hybrid", "im2col", "taps", "winograd")
 CHOICES = ("auto",) + IMPLS

@@ -1,0 +1,1 @@
+"""Tools around the research core: evaluation, analysis, sweeps and speed measurements."""

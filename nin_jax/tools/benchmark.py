@@ -1,0 +1,346 @@
+"""Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
+
+    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
+        [--input_batches=0] [--config.num_cpu_devices=0] [--config.model.conv_impl=auto]
+
+Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
+runs `--steps` rounds on a synthetic batch after `--warmup` untimed steps. A round times, each to
+`block_until_ready`, the matmul peak, one train step and one inference step; throughputs are medians. MFU is
+achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the matmul peak
+of the same round, median over rounds: every device multiplies square matrices at once, and on CPU, where
+host devices share the same cores, a single-device matmul counts too; the larger rate is the peak.
+Peak memory is the process's peak RSS on CPU and the devices' `peak_bytes_in_use` elsewhere.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from nin_jax import architectures, mesh as mesh_lib, models, train
+from nin_jax.cpu import conv as conv_ops, hostenv, winograd
+
+# Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((8, 8, 1), 10),
+    "mnist": ((28, 28, 1), 10),
+    "cifar10": ((32, 32, 3), 10),
+    "cifar100": ((32, 32, 3), 100),
+    "svhn_cropped": ((32, 32, 3), 10),
+    "imagenet2012": ((224, 224, 3), 1000),
+}
+
+REQUIRED_KEYS = ("train/img_per_sec", "infer/img_per_sec", "compile_seconds", "gflops_per_image_train",
+                 "gflops_per_image_forward", "peak_gflops", "train/mfu", "infer/mfu", "input/img_per_sec",
+                 "device_kind", "device_count", "batch_size")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
+_BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds, each a matmul peak, a train step and an inference step.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+_INPUT_BATCHES = flags.DEFINE_integer(
+    "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it and "
+    "reports input/img_per_sec as null.")
+_PEAK_SIZES = flags.DEFINE_list(
+    "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak (on a 2-core AVX2 CPU 2048 is the best).")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
+
+
+def dataset_shape(config: ml_collections.ConfigDict,
+                  sharding: NamedSharding | None = None) -> tuple[tuple[int, int, int], int]:
+    """Model input shape and class count for `config.dataset` (config.image_size overrides H and W).
+
+    Built-in datasets come from `DATASET_SHAPES`; an image folder is opened (with ``sharding``) to read them.
+    """
+    if config.dataset == "image_folder" and sharding is not None:
+        from nin_jax import input_pipeline  # opening a folder lists and decodes it
+
+        info = input_pipeline.Pipeline(config, sharding).info
+        return tuple(info.image_shape), info.num_classes
+    if config.dataset not in DATASET_SHAPES:
+        raise ValueError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
+                         f"use one of {tuple(DATASET_SHAPES)} or 'image_folder'.")
+    (h, w, c), num_classes = DATASET_SHAPES[config.dataset]
+    if config.get("image_size"):
+        h = w = int(config.image_size)
+    return (h, w, c), num_classes
+
+
+def _time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_matmul_peak(mesh: jax.sharding.Mesh, dtype: Any, sizes: Sequence[int], reps: int = 5) -> dict[str, float]:
+    """Matmul FLOP/s, best over `sizes` and `reps`: all devices at once (one n x n product each) and device 0 alone.
+
+    The best repetition, not the median, is the peak: on a shared machine a slow repetition measures the other
+    load, and a higher peak only makes the reported MFU more conservative.
+    """
+    devices = mesh.devices.ravel().tolist()
+    sharded = NamedSharding(mesh, P(mesh_lib.DATA_AXIS))
+    best_all, best_one = 0.0, 0.0
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=dtype))
+    for n in sizes:
+        a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharded)
+        best_all = max(best_all, len(devices) * 2 * n**3 / min(_time_calls(lambda: matmul(a, a), reps, 1)))
+        b = jax.device_put(jnp.ones((n, n), dtype), devices[0])
+        best_one = max(best_one, 2 * n**3 / min(_time_calls(lambda: matmul(b, b), reps, 1)))
+        del a, b
+    # Host CPU devices share the same cores, so one device alone can use the whole machine.
+    one_scaled = best_one if devices[0].platform == "cpu" else best_one * len(devices)
+    return {"all_devices": best_all, "one_device": best_one, "peak": max(best_all, one_scaled)}
+
+
+def _peak_memory_bytes() -> tuple[str, float]:
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        stats = [d.memory_stats() or {} for d in devices]
+        if all("peak_bytes_in_use" in s for s in stats):
+            return "device_peak_bytes", float(sum(s["peak_bytes_in_use"] for s in stats))
+    # ru_maxrss is in KiB on Linux.
+    return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
+    """The implementation each block's KxK convolution resolves to ("auto" is per layer on CPU)."""
+    impls = []
+    for block in model.blocks:
+        kernel_shape = (block.kernel, block.kernel, in_channels, block.widths[0])
+        impls.append(conv_ops.resolve_impl(model.conv_impl, kernel_shape=kernel_shape, stride=block.stride))
+        in_channels = block.widths[-1]
+    return impls
+
+
+def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.LayerRow], in_channels: int
+                             ) -> tuple[float, float]:
+    """FLOPs per image (forward, train step) as executed: like `architectures`' model FLOPs, but each KxK conv
+    that resolves to Winograd counted by the multiplies it runs (tile transforms, additions and scalings by
+    constants, not counted). Their ratio to the model FLOPs turns MFU into hardware FLOPs utilisation (HFU)."""
+    forward, train_step = architectures.forward_flops_per_image(rows), architectures.train_flops_per_image(rows)
+    by_name = {r.name: r for r in rows}
+    first_conv = next(r for r in rows if r.macs).name
+    for i, (block, impl) in enumerate(zip(model.blocks, _resolved_conv_impls(model, in_channels)), start=1):
+        if impl != "winograd":
+            continue
+        row = by_name[f"conv{i}"]
+        out_h, out_w, _ = row.out_shape
+        # A stride-s conv runs as a stride-1 conv with ceil(k/s)-tap kernels on s*s times the channels.
+        k, s = block.kernel, block.stride
+        th, tw = winograd.tile_grid(out_h, out_w)
+        taps = th * tw * (-(-k // s) + winograd.TILE - 1) ** 2 * s * s
+        saved = 2.0 * row.macs * (1.0 - taps / (out_h * out_w * k * k))
+        forward -= saved
+        train_step -= saved * (2 if row.name == first_conv else 3)  # the first layer has no input gradient
+    return forward, train_step
+
+
+def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
+        peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
+    """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+    mesh = mesh_lib.create_mesh()
+    mesh_lib.check_batch_divisible(config.batch_size)
+    # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
+    input_results: dict[str, Any] = {"input/img_per_sec": None}
+    if input_batches > 0:
+        from nin_jax import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
+
+        input_results = input_benchmark.measure_input_throughput(config, input_batches)
+    data = mesh_lib.data_sharding(mesh)
+    image_shape, num_classes = dataset_shape(config, data)
+    if input_batches > 0 or config.dataset == "image_folder":
+        from nin_jax import input_pipeline
+
+        # The steps below run on synthetic batches. Freeing the decoded dataset (~1 GB for CIFAR-10) matters:
+        # with it held, the train step's fresh buffers took 1,870 instead of 1,370 page faults and 0.56-0.89
+        # instead of 0.32-0.37 s of kernel time per step (measured, 2 host devices).
+        input_pipeline.clear_caches()
+        gc.collect()
+    dtype = train.compute_dtype(config)
+    model = models.create_model(config.model, num_classes, dtype=dtype)
+    train_model = model
+    if config.parallelism == "shard_map" and config.model.batch_norm:
+        train_model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)
+    # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
+    lr_fn = optax.constant_schedule(config.optim.learning_rate)
+    rows = models.model_layer_table(model, image_shape)
+    fwd_flops = architectures.forward_flops_per_image(rows)
+    train_flops = architectures.train_flops_per_image(rows)
+    fwd_executed, train_executed = executed_flops_per_image(model, rows, image_shape[-1])
+
+    batch_size = config.batch_size
+    rng = np.random.default_rng(config.seed)
+    batch = jax.device_put({
+        "image": rng.standard_normal((batch_size, *image_shape), np.float32),
+        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
+    }, data)
+    state = train.create_train_state(config, model, image_shape, lr_fn, mesh)
+
+    start = time.perf_counter()
+    train_step = train.make_train_step(config, train_model, num_classes, mesh).lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+
+    def infer_fn(state, images):
+        variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        return model.apply(variables, images, train=False)
+
+    repl = mesh_lib.replicated(mesh)
+    start = time.perf_counter()
+    infer = jax.jit(infer_fn, in_shardings=(repl, data), out_shardings=data).lower(state, batch["image"]).compile()
+    infer_compile_seconds = time.perf_counter() - start
+
+    holder = {"state": state}
+
+    def one_train_step():
+        holder["state"], m = train_step(holder["state"], batch)
+        return holder["state"].step, m
+
+    # Each round times a matmul peak, a train step and an inference step back to back, and its MFU divides by
+    # that round's peak: on a shared host the machine's speed drifts by 10-50% within minutes, and a peak
+    # from another minute would measure the drift. MFU is the median over rounds; `*/mfu_vs_max_peak` divides
+    # the median throughput by the highest peak of the whole run instead (the most conservative reading).
+    peak_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    for _ in range(warmup):
+        jax.block_until_ready(one_train_step())
+        jax.block_until_ready(infer(holder["state"], batch["image"]))
+    load_start = os.getloadavg()[0]
+    peaks, train_times, infer_times = [], [], []
+    for _ in range(steps):
+        peaks.append(measure_matmul_peak(mesh, peak_dtype, peak_sizes, reps=2)["peak"])
+        train_times += _time_calls(one_train_step, 1, 0)
+        infer_times += _time_calls(lambda: infer(holder["state"], batch["image"]), 1, 0)
+    if trace_dir:
+        with jax.profiler.trace(trace_dir):
+            _time_calls(one_train_step, 3, 0)
+    load_end = os.getloadavg()[0]
+    memory_key, memory_bytes = _peak_memory_bytes()
+
+    f32 = measure_matmul_peak(mesh, jnp.float32, peak_sizes, reps=3)
+    bf16 = measure_matmul_peak(mesh, jnp.bfloat16, peak_sizes, reps=3)
+    train_ips = batch_size / statistics.median(train_times)
+    infer_ips = batch_size / statistics.median(infer_times)
+    train_mfu = [train_flops * batch_size / t / p for t, p in zip(train_times, peaks)]
+    infer_mfu = [fwd_flops * batch_size / t / p for t, p in zip(infer_times, peaks)]
+    device = jax.devices()[0]
+    results: dict[str, Any] = {
+        "train/img_per_sec": train_ips,
+        "infer/img_per_sec": infer_ips,
+        "train/step_ms_median": 1e3 * statistics.median(train_times),
+        "train/step_ms_min": 1e3 * min(train_times),
+        "train/step_ms_max": 1e3 * max(train_times),
+        "infer/step_ms_median": 1e3 * statistics.median(infer_times),
+        "infer/step_ms_min": 1e3 * min(infer_times),
+        "compile_seconds": compile_seconds,
+        "infer_compile_seconds": infer_compile_seconds,
+        "gflops_per_image_train": train_flops / 1e9,
+        "gflops_per_image_forward": fwd_flops / 1e9,
+        "train/gflops_per_sec": train_flops * train_ips / 1e9,
+        "infer/gflops_per_sec": fwd_flops * infer_ips / 1e9,
+        "peak_gflops": statistics.median(peaks) / 1e9,
+        "peak_gflops_max": max(peaks) / 1e9,
+        "peak_gflops_min": min(peaks) / 1e9,
+        "peak_gflops_f32": f32["peak"] / 1e9,
+        "peak_gflops_f32_all_devices": f32["all_devices"] / 1e9,
+        "peak_gflops_f32_one_device": f32["one_device"] / 1e9,
+        "peak_gflops_bf16": bf16["peak"] / 1e9,
+        "train/mfu": statistics.median(train_mfu),
+        "train/mfu_vs_max_peak": train_flops * train_ips / max(peaks),
+        "infer/mfu": statistics.median(infer_mfu),
+        "infer/mfu_vs_max_peak": fwd_flops * infer_ips / max(peaks),
+        "gflops_per_image_forward_executed": fwd_executed / 1e9,
+        "gflops_per_image_train_executed": train_executed / 1e9,
+        "train/hfu": statistics.median(train_mfu) * train_executed / train_flops,
+        "infer/hfu": statistics.median(infer_mfu) * fwd_executed / fwd_flops,
+        memory_key: memory_bytes,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "batch_size": batch_size,
+        "steps": steps,
+        "dtype": jnp.dtype(dtype).name,
+        "arch": config.model.arch,
+        "conv_impl": config.model.conv_impl,
+        "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
+        "parallelism": config.parallelism,
+        "load_avg_1min": [load_start, load_end],
+        "host_malloc_hugepages": hostenv.HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+        "transparent_hugepage_mode": hostenv.transparent_hugepage_mode(),
+    }
+    results.update(input_results)
+    return results
+
+
+def format_results(r: dict[str, Any]) -> str:
+    """A short human-readable table of `run`'s results."""
+    def fmt(v, spec):
+        return "skipped" if v is None else format(v, spec)
+    lines = [
+        f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
+        f"({r['platform']}), conv impl {r['conv_impl']} {r['conv_impls_resolved']}, {r['parallelism']}",
+        f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}{'vs max peak':>13}",
+        f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
+        f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}{r['train/mfu_vs_max_peak']:>13.3f}",
+        f"{'inference':<22}{r['infer/img_per_sec']:>10.1f}{r['infer/step_ms_median']:>10.1f}"
+        f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}{r['infer/mfu_vs_max_peak']:>13.3f}",
+        f"{'input pipeline':<22}{fmt(r['input/img_per_sec'], '>10.1f')}",
+        f"model GFLOP/image: forward {r['gflops_per_image_forward']:.3f}, train {r['gflops_per_image_train']:.3f}; "
+        f"as executed (Winograd's multiplies): forward {r['gflops_per_image_forward_executed']:.3f}, train "
+        f"{r['gflops_per_image_train_executed']:.3f}, so HFU train {r['train/hfu']:.3f}, inference {r['infer/hfu']:.3f}",
+        f"matmul peak GFLOP/s: f32 {r['peak_gflops_f32']:.1f} (all devices {r['peak_gflops_f32_all_devices']:.1f}, "
+        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; per round "
+        f"(MFU's denominators) median {r['peak_gflops']:.1f}, min {r['peak_gflops_min']:.1f}, max "
+        f"{r['peak_gflops_max']:.1f}",
+        f"train step ms: min {r['train/step_ms_min']:.1f} max {r['train/step_ms_max']:.1f}; compile "
+        f"{r['compile_seconds']:.1f} s (inference {r['infer_compile_seconds']:.1f} s); load avg "
+        f"{r['load_avg_1min'][0]:.1f} -> {r['load_avg_1min'][1]:.1f}; malloc huge pages "
+        f"{'on' if r['host_malloc_hugepages'] else 'off'} (THP mode {r['transparent_hugepage_mode']})",
+    ]
+    for key in ("host_peak_rss_bytes", "device_peak_bytes"):
+        if key in r:
+            lines.append(f"peak memory ({key}): {r[key] / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config=configs/<name>.py is required.")
+    config = config.copy_and_resolve_references()
+    if _BATCH.value is not None:
+        config.batch_size = _BATCH.value
+    mesh_lib.use_host_devices(config.num_cpu_devices, config.batch_size)
+    results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
+                  peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
+    print(format_results(results), flush=True)
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
