@@ -9,10 +9,9 @@ command continues a sweep. `--list` prints the sweeps and their points.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
+from nin_jax.config import ConfigError
 from nin_jax.tools import sweeps
 
 
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         common = sweeps.parse_overrides(args.set + [a.removeprefix("--") for a in rest])
         points = [p.strip() for p in args.points.split(",") if p.strip()]
         return sweeps.run_sweep(args.sweep, args.root, args.config, common, points, dry_run=args.dry_run)
-    except (ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ import math
 import re
 from typing import Any, Sequence
 
+from nin_jax.config import ConfigError
+
 CLASSES = "C"  # in a block spec string, the width that equals the number of classes
 
 
@@ -118,12 +120,12 @@ def parse_blocks(spec: str, num_classes: int) -> list[BlockSpec]:
     """
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
-        raise ValueError(f"config.model.blocks={spec!r} is empty; give e.g. '5:192-160-96, 3:192-192-C'.")
+        raise ConfigError(f"config.model.blocks={spec!r} is empty; give e.g. '5:192-160-96, 3:192-192-C'.")
     blocks = []
     for i, part in enumerate(parts):
         m = _BLOCK_RE.match(part)
         if not m:
-            raise ValueError(
+            raise ConfigError(
                 f"config.model.blocks: cannot parse block {i + 1} {part!r}; expected 'K[sS][pP]:W0-W1-...[:max|avg|none]',"
                 " e.g. '5:192-160-96:max' or '11s4p0:96-96-96'."
             )
@@ -160,19 +162,19 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
     """
     arch = model_cfg.arch
     if arch not in PRESETS:
-        raise ValueError(f"config.model.arch={arch!r} is unknown; choose one of {sorted(PRESETS)}.")
-    spec = model_cfg.get("blocks", "") or ""
+        raise ConfigError(f"config.model.arch={arch!r} is unknown; choose one of {sorted(PRESETS)}.")
+    spec = model_cfg.blocks
     blocks = parse_blocks(spec, num_classes) if spec else list(PRESETS[arch]["blocks"])
 
-    pool2 = model_cfg.get("pool2", "preset")
+    pool2 = model_cfg.pool2
     if pool2 not in ("preset", "max", "avg"):
-        raise ValueError(f"config.model.pool2={pool2!r}; choose 'preset', 'max' or 'avg'.")
+        raise ConfigError(f"config.model.pool2={pool2!r}; choose 'preset', 'max' or 'avg'.")
     if pool2 != "preset" and len(blocks) > 1 and blocks[1].pool is not None:
         blocks[1] = dataclasses.replace(blocks[1], pool=pool2)
 
-    n = model_cfg.get("mlp_layers", -1)
+    n = model_cfg.mlp_layers
     if not isinstance(n, int) or n < -1:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.mlp_layers={n!r} must be an integer >= 0 (number of 1x1 layers per block), "
             "or -1 for the preset's."
         )
@@ -182,9 +184,9 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
             for b in blocks
         ]
 
-    width = model_cfg.get("width", 1.0)
+    width = model_cfg.width
     if not width > 0:
-        raise ValueError(f"config.model.width={width!r} must be > 0 (a multiplier on the hidden channels).")
+        raise ConfigError(f"config.model.width={width!r} must be > 0 (a multiplier on the hidden channels).")
     if width != 1.0:
         last = len(blocks) - 1
         blocks = [
@@ -198,20 +200,20 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
             for i, b in enumerate(blocks)
         ]
 
-    head = model_cfg.get("head", "gap")
+    head = model_cfg.head
     if head not in ("gap", "fc"):
-        raise ValueError(f"config.model.head={head!r}; choose 'gap' or 'fc'.")
+        raise ConfigError(f"config.model.head={head!r}; choose 'gap' or 'fc'.")
     if head == "gap" and blocks[-1].widths[-1] != num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"config.model.head='gap' needs the last layer to emit one map per class ({num_classes}), but the last "
             f"block ends in {blocks[-1].widths[-1]} channels; fix config.model.blocks (end it in 'C') or use head='fc'."
         )
     if head == "fc":
-        fc_input = model_cfg.get("fc_input", "class_maps")
+        fc_input = model_cfg.fc_input
         if fc_input not in ("class_maps", "features"):
-            raise ValueError(f"config.model.fc_input={fc_input!r}; choose 'class_maps' or 'features'.")
+            raise ConfigError(f"config.model.fc_input={fc_input!r}; choose 'class_maps' or 'features'.")
         if fc_input == "features" and len(blocks[-1].widths) < 2:
-            raise ValueError(
+            raise ConfigError(
                 "config.model.fc_input='features' drops the last block's class-map layer, but that block has no "
                 "other layer (config.model.mlp_layers=0); use fc_input='class_maps' or mlp_layers >= 1."
             )

@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from nin_jax.config import ConfigError
+
 BEST_METRIC = "eval/top1"
 DIGEST_KEY = "state_sha256"  # in each step's meta
 
@@ -29,8 +31,8 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint could be restored from a directory that has some."""
+class CheckpointError(ConfigError):
+    """A checkpoint the user pointed at cannot be restored (the message names it and what to do)."""
 
 
 def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:

@@ -46,7 +46,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.pool2 = "preset"  # preset (max, cuda-convnet) | max | avg (the Caffe model-zoo gist)
     config.model.class_map_relu = True  # ReLU on the class maps, as in every original config
     config.model.init = "he"  # he | caffe (the original per-layer Gaussian stds)
-    config.model.conv_impl = "auto"  # KxK conv arithmetic: auto picks per backend
 
     # Optimisation. recipe='caffe' is the original solver; 'modern' is cosine + warmup + label smoothing.
     config.recipe = "modern"
@@ -70,15 +69,66 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.seed = 0
 
-    # Execution.
     config.half_precision = False  # bf16 compute, float32 params, loss and softmax
+
+    # Execution: fields listed in EXECUTION_FIELDS, free to change when a run resumes.
     config.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
+    config.cpu_kernels = True  # on the CPU backend only: nin_jax.cpu's conv/pooling kernels and huge pages
     config.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # also evaluates at the end
     config.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
     config.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
     config.profile = False  # a TensorBoard profile of a few steps after warm-up
+    return config
+
+
+# Fields that change how a run executes but not what it computes (results are equal, tested), or where its
+# data lives: a resumed run may change them. Every other field is part of the experiment's identity.
+EXECUTION_FIELDS = frozenset({
+    "data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices",
+    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "profile",
+})
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, object]:
+    """{"model.width": 1.0, ...}: every leaf field by its dotted name."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def identity_diff(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
+    """The dotted fields outside `EXECUTION_FIELDS` whose values differ between two configs."""
+    a, b = flatten(saved), flatten(current)
+
+    def norm(v):  # JSON turns tuples into lists
+        return list(v) if isinstance(v, tuple) else v
+
+    return sorted(k for k in set(a) | set(b)
+                  if k.split(".")[0] not in EXECUTION_FIELDS and norm(a.get(k)) != norm(b.get(k)))
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """A config saved as JSON (a workdir's config.json), on top of today's defaults.
+
+    Fields this version no longer has are dropped: only execution settings are ever removed.
+    """
+    import json  # pylint: disable=g-import-not-at-top
+
+    config = get_config()
+    known = flatten(config)
+    for key, value in flatten(ml_collections.ConfigDict(json.loads(text))).items():
+        if key in known:
+            node = config
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                node = node[parent]
+            node[leaf] = tuple(value) if isinstance(known[key], tuple) else value
     return config
 
 

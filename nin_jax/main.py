@@ -1,13 +1,16 @@
 """Trains a NIN: `python -m nin_jax.main --config=configs/digits.py --workdir=/tmp/nin_digits`.
 
 Fields of the config can be overridden on the command line, e.g. `--config.model.head=fc`. Rerunning the
-same command with the same workdir resumes from the latest checkpoint.
+same command with the same workdir resumes from the latest checkpoint. The work is done by
+`nin_jax.train.train_and_evaluate`; this module only parses flags and sets up the process.
 """
 
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from nin_jax.config import ConfigError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, summaries and results.json.")
@@ -29,31 +32,32 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
     logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
-    # Device setup must precede any other use of jax (hence the late imports).
-    from nin_jax import mesh
+    # Host setup and joining a multi-process job must precede any other use of jax (hence the late imports).
+    from nin_jax import mesh  # pylint: disable=g-import-not-at-top
+    from nin_jax.cpu import hostenv  # pylint: disable=g-import-not-at-top
 
     try:
-        mesh.use_host_devices(config.num_cpu_devices, config.batch_size)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    mesh.maybe_initialize_distributed()
-    import jax
+        hostenv.prepare(config)
+        mesh.maybe_initialize_distributed()
+    except ConfigError as e:
+        _fail(e)
+    import jax  # pylint: disable=g-import-not-at-top
 
-    from nin_jax import train
+    from nin_jax import train  # pylint: disable=g-import-not-at-top
 
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
+    except (ConfigError, train.NonFiniteLossError) as e:
+        _fail(e)
     except train.Preempted as e:
         sys.exit(e.code)
-    except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+
+
+def _fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
-    from nin_jax.cpu import hostenv
-
-    hostenv.reexec_with_hugepages()
     app.run(main)

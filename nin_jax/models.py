@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from nin_jax import architectures
-from nin_jax.cpu import conv as conv_ops, pooling
 from nin_jax.architectures import BlockSpec
+from nin_jax.config import ConfigError, get_config
+from nin_jax.cpu import conv as cpu_conv, pooling
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)
 BN_MOMENTUM = 0.9  # running-average decay; Torch's momentum=0.1
@@ -26,53 +27,33 @@ def _kernel_init(init: str, std: float) -> nn.initializers.Initializer:
         return nn.initializers.normal(stddev=std)
     if init == "he":
         return nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-    raise ValueError(f"config.model.init={init!r}; choose 'caffe' (the original Gaussian stds) or 'he'.")
+    raise ConfigError(f"config.model.init={init!r}; choose 'caffe' (the original Gaussian stds) or 'he'.")
 
 
-class KxKConv(nn.Module):
-    """A KxK convolution (NHWC, kernel HWIO) whose arithmetic is chosen by `impl` (see `conv_ops`)."""
-
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    use_bias: bool = True
-    impl: str = "auto"
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        y = conv_ops.conv2d(x, kernel, stride=self.stride, padding=self.padding, impl=self.impl)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
-        return y
-
-
-def caffe_pool(x: jax.Array, kind: str, window: int = 3, stride: int = 2) -> jax.Array:
+def caffe_pool(x: jax.Array, kind: str, *, cpu_kernels: bool, window: int = 3, stride: int = 2) -> jax.Array:
     """Pooling with Caffe's ceil-mode output size (32 -> 16 -> 8 for 3x3/2).
 
     The extra window at the bottom/right border overhangs the image; max ignores the overhang and average
-    counts only in-bounds pixels, as Caffe does for unpadded pooling.
+    counts only in-bounds pixels, as Caffe does for unpadded pooling. `cpu_kernels` selects the same math
+    with gradients that are cheap on XLA:CPU (`nin_jax.cpu.pooling`).
     """
     h, w = x.shape[1:3]
     oh, ow = architectures.ceil_pool_size(h, window, stride), architectures.ceil_pool_size(w, window, stride)
     pad = ((0, (oh - 1) * stride + window - h), (0, (ow - 1) * stride + window - w))
+    if kind not in ("max", "avg"):
+        raise ValueError(f"unknown pooling {kind!r}; choose 'max' or 'avg'.")
+    if cpu_kernels:
+        return (pooling.max_pool if kind == "max" else pooling.avg_pool)(x, window, stride, pad)
     if kind == "max":
-        return pooling.max_pool(x, window, stride, pad)
-    if kind == "avg":
-        return pooling.avg_pool(x, window, stride, pad)
-    raise ValueError(f"unknown pooling {kind!r}; choose 'max' or 'avg'.")
+        return nn.max_pool(x, (window, window), (stride, stride), pad)
+    return nn.avg_pool(x, (window, window), (stride, stride), pad, count_include_pad=False)
 
 
 class MLPConv(nn.Module):
     """An mlpconv layer: a KxK conv, then `len(widths) - 1` 1x1 layers, each followed by (BN and) ReLU.
 
-    The 1x1 layers are channel-mixing dense layers: the same math as a 1x1 convolution, but XLA:CPU computes
-    a 1x1 conv's weight gradient an order of magnitude slower than the equivalent matmul.
+    The 1x1 layers are channel-mixing dense layers: the same math (and parameters, up to a reshape) as a 1x1
+    convolution, whose weight gradient XLA:CPU computes an order of magnitude slower than the matmul.
     `len(widths) == 1` is the plain convolution ("GLM") of the paper's ablation.
     `final_relu=False` leaves the last layer linear (used for class maps when `class_map_relu` is off).
     """
@@ -85,7 +66,7 @@ class MLPConv(nn.Module):
     init_scheme: str = "he"
     init_std: Sequence[float] | None = None
     final_relu: bool = True
-    conv_impl: str = "auto"
+    cpu_kernels: bool = False
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -95,9 +76,11 @@ class MLPConv(nn.Module):
         for j, width in enumerate(self.widths):
             kinit = _kernel_init(self.init_scheme, stds[j])
             if j == 0:
-                x = KxKConv(
-                    width, self.kernel_size, self.stride, self.padding, use_bias=not self.batch_norm,
-                    impl=self.conv_impl, kernel_init=kinit, dtype=self.dtype, name="conv",
+                k, p = self.kernel_size, self.padding
+                x = nn.Conv(
+                    width, (k, k), (self.stride, self.stride), ((p, p), (p, p)), use_bias=not self.batch_norm,
+                    kernel_init=kinit, dtype=self.dtype, param_dtype=jnp.float32, name="conv",
+                    conv_general_dilated=cpu_conv.conv_general_dilated if self.cpu_kernels else None,
                 )(x)
             else:
                 x = nn.Dense(
@@ -122,35 +105,47 @@ class NIN(nn.Module):
     layer and flattens the last hidden features; either feeds Dense(num_classes), after dropout `fc_dropout`.
     """
 
-    blocks: Sequence[BlockSpec]
+    # The fields of `config.model` (their defaults and meaning: nin_jax/config.py), then the dataset's class
+    # count and execution settings. `create_model` builds it from a config.
+    arch: str
+    head: str
+    fc_input: str
+    fc_dropout: float
+    mlp_layers: int
+    batch_norm: bool
+    width: float
+    blocks: str
+    dropout_rate: float
+    pool2: str
+    class_map_relu: bool
+    init_scheme: str  # config.model.init (`init` is Module.init)
     num_classes: int
-    head: str = "gap"
-    fc_input: str = "class_maps"
-    fc_dropout: float = 0.0
-    dropout_rate: float = 0.5
-    batch_norm: bool = False
-    class_map_relu: bool = True
-    init_scheme: str = "he"
-    conv_impl: str = "auto"
-    bn_axis_name: str | None = None
+    cpu_kernels: bool = False  # nin_jax.cpu's conv and pooling (XLA:CPU only; same math)
+    bn_axis_name: str | None = None  # set for a per-device (shard_map) step: BN statistics over the batch
     dtype: Any = jnp.float32
+
+    @property
+    def block_specs(self) -> list[BlockSpec]:
+        """The mlpconv blocks after the ablation switches (`architectures.resolve_blocks`)."""
+        return architectures.resolve_blocks(self, self.num_classes)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, return_class_maps: bool = False):
         x = x.astype(self.dtype)
-        n = len(self.blocks)
-        for i, b in enumerate(self.blocks, start=1):
+        specs = self.block_specs
+        n = len(specs)
+        for i, b in enumerate(specs, start=1):
             last = i == n
             widths, stds = b.widths, b.init_std
             if last and self.head == "fc" and self.fc_input == "features":
                 widths, stds = widths[:-1], stds and stds[:-1]
             x = MLPConv(
                 widths, b.kernel, b.stride, b.pad, batch_norm=self.batch_norm, init_scheme=self.init_scheme, init_std=stds,
-                final_relu=self.class_map_relu or not last, conv_impl=self.conv_impl,
+                final_relu=self.class_map_relu or not last, cpu_kernels=self.cpu_kernels,
                 bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f"block{i}",
             )(x, train=train)
             if b.pool is not None:
-                x = caffe_pool(x, b.pool)
+                x = caffe_pool(x, b.pool, cpu_kernels=self.cpu_kernels)
             if b.dropout and self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         class_maps = x.astype(jnp.float32)
@@ -171,54 +166,44 @@ def output_layer_path(model: NIN) -> tuple[str, ...]:
     """Parameter path of the layer that produces the logits' inputs (Caffe's cccp6 / cccp8, or the FC layer)."""
     if model.head == "fc":
         return ("fc",)
-    n_mlp = len(model.blocks[-1].widths) - 1
-    return (f"block{len(model.blocks)}", f"mlp{n_mlp}" if n_mlp else "conv")
+    specs = model.block_specs
+    n_mlp = len(specs[-1].widths) - 1
+    return (f"block{len(specs)}", f"mlp{n_mlp}" if n_mlp else "conv")
 
 
 def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Any = jnp.float32,
-                 bn_axis_name: str | None = None) -> NIN:
-    """Builds the NIN described by `config.model` for `num_classes` classes."""
-    blocks = architectures.resolve_blocks(model_cfg, num_classes)
-    fc_dropout = model_cfg.get("fc_dropout", 0.0)
-    if not 0.0 <= fc_dropout < 1.0:
-        raise ValueError(f"config.model.fc_dropout={fc_dropout!r} must be in [0, 1).")
-    _kernel_init(model_cfg.get("init", "he"), 0.05)  # validates the name early
-    return NIN(
-        blocks=tuple(blocks),
-        num_classes=num_classes,
-        head=model_cfg.get("head", "gap"),
-        fc_input=model_cfg.get("fc_input", "class_maps"),
-        fc_dropout=fc_dropout,
-        dropout_rate=model_cfg.get("dropout_rate", 0.5),
-        batch_norm=model_cfg.get("batch_norm", False),
-        class_map_relu=model_cfg.get("class_map_relu", True),
-        init_scheme=model_cfg.get("init", "he"),
-        conv_impl=model_cfg.get("conv_impl", "auto"),
-        bn_axis_name=bn_axis_name,
-        dtype=dtype,
-    )
+                 cpu_kernels: bool = False, bn_axis_name: str | None = None) -> NIN:
+    """The NIN described by `config.model` for `num_classes` classes; bad fields raise `ConfigError` here.
+
+    `cpu_kernels` takes effect only on the CPU backend (see `nin_jax.cpu`).
+    """
+    architectures.resolve_blocks(model_cfg, num_classes)  # validates the ablation fields
+    if not 0.0 <= model_cfg.fc_dropout < 1.0:
+        raise ConfigError(f"config.model.fc_dropout={model_cfg.fc_dropout!r} must be in [0, 1).")
+    if not 0.0 <= model_cfg.dropout_rate < 1.0:
+        raise ConfigError(f"config.model.dropout_rate={model_cfg.dropout_rate!r} must be in [0, 1).")
+    _kernel_init(model_cfg.init, 0.05)  # validates the name
+    fields = dict(model_cfg)
+    fields["init_scheme"] = fields.pop("init")
+    return NIN(**fields, num_classes=num_classes, cpu_kernels=cpu_kernels and jax.default_backend() == "cpu",
+               bn_axis_name=bn_axis_name, dtype=dtype)
+
+
+def variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """What `NIN.apply` takes: the parameters, and the BatchNorm statistics when the model has BN."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
 def model_layer_table(model: NIN, input_shape: tuple[int, int, int]) -> list[architectures.LayerRow]:
     """`architectures.layer_table` for a built model."""
     return architectures.layer_table(
-        model.blocks, input_shape, num_classes=model.num_classes, head=model.head, fc_input=model.fc_input,
+        model.block_specs, input_shape, num_classes=model.num_classes, head=model.head, fc_input=model.fc_input,
         batch_norm=model.batch_norm,
     )
 
 
 def count_params(params: Any) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-def preset_config(arch: str, **overrides: Any) -> ml_collections.ConfigDict:
-    """A `config.model` for a preset with the given overrides (used by the CLI and tests)."""
-    cfg = ml_collections.ConfigDict(dict(
-        arch=arch, head="gap", fc_input="class_maps", fc_dropout=0.0, mlp_layers=-1, batch_norm=False,
-        width=1.0, blocks="", dropout_rate=0.5, pool2="preset", class_map_relu=True, init="he", conv_impl="auto",
-    ))
-    cfg.update(overrides)
-    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -232,9 +217,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--blocks", default="")
     args = parser.parse_args(argv)
     preset = architectures.PRESETS[args.arch]
-    cfg = preset_config(args.arch, head=args.head, fc_input=args.fc_input, mlp_layers=args.mlp_layers,
-                        width=args.width, batch_norm=args.batch_norm, blocks=args.blocks)
-    model = create_model(cfg, preset["num_classes"])
+    cfg = get_config().model
+    cfg.update(arch=args.arch, head=args.head, fc_input=args.fc_input, mlp_layers=args.mlp_layers,
+               width=args.width, batch_norm=args.batch_norm, blocks=args.blocks)
+    try:
+        model = create_model(cfg, preset["num_classes"])
+    except ConfigError as e:
+        parser.error(str(e))
     rows = model_layer_table(model, preset["input_shape"])
     print(architectures.format_table(rows, f"{args.arch}: input {'x'.join(map(str, preset['input_shape']))}"))
 

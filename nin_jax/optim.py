@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nin_jax.config import ConfigError
+
 RECIPES = ("caffe", "modern")
 
 
@@ -22,13 +24,13 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     """caffe: piecewise-constant steps at `optim.lr_boundaries_epochs`; modern: linear warmup then cosine to 0."""
     o = config.optim
     if config.recipe not in RECIPES:
-        raise ValueError(f"config.recipe={config.recipe!r}; choose one of {RECIPES}.")
+        raise ConfigError(f"config.recipe={config.recipe!r}; choose one of {RECIPES}.")
     if config.recipe == "caffe":
         boundaries = {int(round(e * steps_per_epoch)): o.lr_decay for e in o.lr_boundaries_epochs}
         return optax.piecewise_constant_schedule(o.learning_rate, boundaries)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     if warmup >= total_steps:
-        raise ValueError(
+        raise ConfigError(
             f"config.optim.warmup_epochs={o.warmup_epochs} ({warmup} steps) is not shorter than the run "
             f"({total_steps} steps); lower it or train longer."
         )

@@ -26,7 +26,8 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import architectures, checkpointing, hardware, input_pipeline, mesh as mesh_lib, models, optim
+from nin_jax import architectures, checkpointing, config as config_lib, data, hardware, mesh as mesh_lib, models, optim
+from nin_jax.config import ConfigError
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", and resumable by rerunning the command
 
@@ -72,7 +73,7 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
         return int(config.num_train_steps)
     steps = int(config.num_epochs * steps_per_epoch)
     if steps <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"config.num_epochs={config.num_epochs} gives no training steps ({steps_per_epoch} steps per epoch); "
             "set config.num_epochs > 0 or config.num_train_steps > 0."
         )
@@ -122,8 +123,7 @@ def train_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes
     has_bn = bool(state.batch_stats)
 
     def loss_fn(params):
-        variables = {"params": params, **({"batch_stats": state.batch_stats} if has_bn else {})}
-        out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng},
+        out = model.apply(models.variables(params, state.batch_stats), batch["image"], train=True, rngs={"dropout": rng},
                           mutable=["batch_stats"] if has_bn else False)
         logits, updates = out if has_bn else (out, {})
         loss = optim.cross_entropy_loss(logits, batch["label"], num_classes, label_smoothing).mean()
@@ -141,6 +141,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
                     mesh: jax.sharding.Mesh) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
     """The compiled step for `config.parallelism`: state replicated and donated, batch split over `data`."""
     repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
+    if config.parallelism == "shard_map" and model.batch_norm:
+        model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)  # per-device BN statistics averaged over the batch
     step = functools.partial(train_step, model=model, num_classes=num_classes,
                              label_smoothing=config.optim.label_smoothing)
     if config.parallelism == "shard_map":
@@ -149,7 +151,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
         step = jax.shard_map(functools.partial(step, axis_name=mesh_lib.DATA_AXIS), mesh=mesh,
                              in_specs=(P(), P(mesh_lib.DATA_AXIS)), out_specs=(P(), P()), check_vma=False)
     elif config.parallelism != "jit":
-        raise ValueError(f"config.parallelism={config.parallelism!r}; choose 'jit' or 'shard_map'.")
+        raise ConfigError(f"config.parallelism={config.parallelism!r}; choose 'jit' or 'shard_map'.")
 
     def step_with_metrics(state, batch):
         new_state, m = step(state, batch)
@@ -160,8 +162,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
 
 def eval_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes: int) -> EvalMetrics:
     """Metrics of one (possibly padded) eval batch; padded examples have mask 0 and do not count."""
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    logits = model.apply(variables, batch["image"], train=False)
+    logits = model.apply(models.variables(state.params, state.batch_stats), batch["image"], train=False)
     loss = optim.cross_entropy_loss(logits, batch["label"], num_classes)
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
     label = batch["label"][:, None]
@@ -184,7 +185,7 @@ def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) 
         m = p_eval_step(state, batch)
         total = m if total is None else total.merge(m)
     if total is None:
-        raise ValueError("the evaluation split is empty; check config.eval_split.")
+        raise ConfigError("the evaluation split is empty; check config.eval_split.")
     out = {f"eval/{k}": float(v) for k, v in total.compute().items()}
     out["eval/num_examples"] = int(total.loss.count)
     return out
@@ -194,29 +195,33 @@ def prepare_workdir(workdir: str) -> epath.Path:
     """Creates `workdir` and checks it is a writable directory (early, before any compute)."""
     path = epath.Path(workdir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--workdir={workdir} is a file, not a directory; pass a directory path.")
+        raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory path.")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test.{jax.process_index()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--workdir={workdir} is not writable ({e}); pass a directory you can write to.") from e
+        raise ConfigError(f"--workdir={workdir} is not writable ({e}); pass a directory you can write to.") from e
     return path
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-    """Writes config.json; refuses to resume a workdir whose saved model differs from `config.model`."""
+    """Writes config.json at a run's first start; later starts must match its experiment identity.
+
+    Identity is every field but `config_lib.EXECUTION_FIELDS` (devices, cadences, kernels, data location),
+    which a resumed run may change; the file keeps the first start's values.
+    """
     path = workdir / "config.json"
     if path.exists():
-        saved = json.loads(path.read_text()).get("model", {})
-        current = json.loads(config.model.to_json_best_effort())
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        saved = config_lib.from_json(path.read_text())
+        diff = config_lib.identity_diff(saved, config)
         if diff:
-            raise ValueError(
-                f"--workdir={workdir} holds a run of a different model (config.model fields {diff} differ: saved "
-                f"{[saved.get(k) for k in diff]}, now {[current.get(k) for k in diff]}); use a new --workdir."
-            )
+            a, b = config_lib.flatten(saved), config_lib.flatten(config)
+            changes = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff)
+            raise ConfigError(f"--workdir={workdir} holds a different experiment ({changes}); rerun with its "
+                              "config (config.json) or use a new --workdir.")
+        return
     if jax.process_index() == 0:
         path.write_text(config.to_json_best_effort(indent=2))
 
@@ -286,31 +291,17 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns (and writes) results.json."""
     wall_start = time.time()
     workdir_path = prepare_workdir(workdir)
     mesh = mesh_lib.create_mesh()
-    mesh_lib.check_batch_divisible(config.batch_size)
-    mesh_lib.check_batch_divisible(config.eval_batch_size, "config.eval_batch_size")
     is_chief = jax.process_index() == 0
 
-    pipeline = input_pipeline.Pipeline(config, mesh_lib.data_sharding(mesh))
+    pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
     info = pipeline.info
-    model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config))
-    train_model = model
-    if config.parallelism == "shard_map" and config.model.batch_norm:
-        train_model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)
+    model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config),
+                                cpu_kernels=config.cpu_kernels)
     steps_per_epoch = pipeline.steps_per_epoch
     num_steps = total_train_steps(config, steps_per_epoch)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_steps)
@@ -344,12 +335,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = metric_writers.create_default_writer(str(workdir_path), just_logging=not is_chief, asynchronous=True)
     metrics_log = MetricsLog(workdir_path / "metrics.jsonl", start_step, is_chief)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()
+        writer.write_hparams({k: v for k, v in config_lib.flatten(config).items()
                               if isinstance(v, (int, float, str, bool))})
     print(f"{config.model.arch}: {num_params:,} params, {jax.device_count()} devices on {jax.process_count()} "
           f"process(es), {num_steps} steps ({steps_per_epoch}/epoch) of batch {config.batch_size}", flush=True)
 
-    p_train_step = make_train_step(config, train_model, info.num_classes, mesh)
+    p_train_step = make_train_step(config, model, info.num_classes, mesh)
     p_eval_step = make_eval_step(model, info.num_classes, mesh)
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=config.log_every_steps)]

@@ -10,7 +10,6 @@ import atexit
 import functools
 import os
 import shutil
-import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

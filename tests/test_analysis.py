@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import launch_helpers
+from nin_jax.config import ConfigError
 from nin_jax.tools import analysis
 
 
@@ -66,5 +67,5 @@ def test_sweep_root_errors(tmp_path, capsys):
     assert analysis.main(["sweep", f"--root={tmp_path / 'missing'}"]) == 1
     assert "is not a directory" in capsys.readouterr().err
     (tmp_path / "gap_vs_fc").mkdir()
-    with pytest.raises(FileNotFoundError, match="no sweep points under"):
+    with pytest.raises(ConfigError, match="no sweep points under"):
         analysis.collect_sweeps(str(tmp_path))

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from configs import digits
-from nin_jax import architectures, mesh as mesh_lib, models
+from config_helpers import model_config
+from nin_jax import architectures, models
 from nin_jax.tools import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,6 @@ def test_cli_writes_json_with_all_keys(tmp_path):
     for part, gflops in (("train", "gflops_per_image_train"), ("infer", "gflops_per_image_forward")):
         assert r[f"{part}/mfu_vs_max_peak"] == pytest.approx(
             r[f"{part}/img_per_sec"] * r[gflops] / r["peak_gflops_max"])
-        assert r[f"{part}/mfu"] >= r[f"{part}/mfu_vs_max_peak"] * (1 - 1e-9)
         assert r[f"{part}/hfu"] == pytest.approx(r[f"{part}/mfu"] * r[f"{gflops}_executed"] / r[gflops])
     assert r["peak_gflops_min"] <= r["peak_gflops"] <= r["peak_gflops_max"]
     assert r["gflops_per_image_train"] > 2.5 * r["gflops_per_image_forward"]
@@ -47,8 +46,8 @@ def test_cli_writes_json_with_all_keys(tmp_path):
 
 
 def test_executed_flops_count_winograd_multiplies():
-    cfg = models.preset_config("nin_cifar10")
-    model = models.create_model(cfg, 10)
+    cfg = model_config("nin_cifar10")
+    model = models.create_model(cfg, 10, cpu_kernels=True)
     rows = models.model_layer_table(model, (32, 32, 3))
     forward, train_step = architectures.forward_flops_per_image(rows), architectures.train_flops_per_image(rows)
     # On CPU, auto runs conv2 (5x5, 96->192, 16x16 output) and conv3 (3x3, 192->192, 8x8) by F(2x2, kxk):
@@ -57,15 +56,8 @@ def test_executed_flops_count_winograd_multiplies():
     executed = benchmark.executed_flops_per_image(model, rows, 3)
     assert executed == pytest.approx((forward - 2 * saved_macs, train_step - 3 * 2 * saved_macs))
     assert executed[0] == pytest.approx(0.2703e9, rel=1e-3)
-    hybrid = models.create_model(models.preset_config("nin_cifar10", conv_impl="hybrid"), 10)
-    assert benchmark.executed_flops_per_image(hybrid, rows, 3) == (forward, train_step)
-
-
-def test_matmul_peak_is_positive_and_covers_one_device():
-    mesh = mesh_lib.create_mesh()
-    p = benchmark.measure_matmul_peak(mesh, jnp.float32, [64], reps=2)
-    assert p["all_devices"] > 0 and p["one_device"] > 0
-    assert p["peak"] >= max(p["all_devices"], p["one_device"])
+    plain = models.create_model(cfg, 10, cpu_kernels=False)
+    assert benchmark.executed_flops_per_image(plain, rows, 3) == (forward, train_step)
 
 
 def test_dataset_shape_and_bad_input():

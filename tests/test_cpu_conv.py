@@ -1,4 +1,4 @@
-"""conv_ops: every implementation matches XLA's convolution in value and in both gradients."""
+"""nin_jax.cpu.conv: every formulation matches XLA's convolution in value and in both gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -122,16 +122,30 @@ def test_eager_matches_jit_and_auto_resolves():
     eager = conv_ops.conv2d(x, kernel, stride=1, padding=1, impl="auto")
     jitted = jax.jit(lambda a, b: conv_ops.conv2d(a, b, stride=1, padding=1, impl="auto"))(x, kernel)
     np.testing.assert_allclose(eager, jitted, rtol=1e-6, atol=1e-6)
-    # On CPU: Winograd for stride-1 3x3/5x5 layers with many input channels, XLA's convolution with GEMM
-    # weight gradients for the others.
-    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 3, 192)) == "hybrid"
-    assert conv_ops.resolve_impl("auto", "cpu", (5, 5, 96, 192)) == "winograd"
-    assert conv_ops.resolve_impl("auto", "cpu", (3, 3, 192, 192)) == "winograd"
-    assert conv_ops.resolve_impl("auto", "cpu", (3, 3, 192, 192), stride=2) == "hybrid"
-    assert conv_ops.resolve_impl("auto", "cpu", (11, 11, 96, 96)) == "hybrid"  # float32 error not tested
-    assert conv_ops.resolve_impl("auto", "gpu") == "xla"
-    assert conv_ops.resolve_impl("auto", "tpu") == "xla"
-    assert conv_ops.resolve_impl("taps", "tpu") == "taps"
+    # Winograd for stride-1 3x3/5x5 layers with many input channels, XLA's convolution with GEMM weight
+    # gradients for the others.
+    assert conv_ops.resolve_impl("auto", (5, 5, 3, 192)) == "hybrid"
+    assert conv_ops.resolve_impl("auto", (5, 5, 96, 192)) == "winograd"
+    assert conv_ops.resolve_impl("auto", (3, 3, 192, 192)) == "winograd"
+    assert conv_ops.resolve_impl("auto", (3, 3, 192, 192), stride=2) == "hybrid"
+    assert conv_ops.resolve_impl("auto", (11, 11, 96, 96)) == "hybrid"  # float32 error not tested
+    assert conv_ops.resolve_impl("xla", (5, 5, 96, 192)) == "xla"
+
+
+def test_flax_conv_with_the_cpu_formulation_equals_flax_conv():
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 64)), jnp.float32)
+    plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
+    cpu = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), conv_general_dilated=conv_ops.conv_general_dilated)
+    params = plain.init(jax.random.key(0), x)
+    np.testing.assert_allclose(cpu.apply(params, x), plain.apply(params, x), rtol=1e-5, atol=1e-5)
+    # A convolution outside NIN's kinds (dilated) is passed to XLA unchanged.
+    dilated = dict(kernel_dilation=(2, 2), padding=((2, 2), (2, 2)))
+    np.testing.assert_allclose(
+        nn.Conv(8, (3, 3), conv_general_dilated=conv_ops.conv_general_dilated, **dilated).apply(params, x),
+        nn.Conv(8, (3, 3), **dilated).apply(params, x), rtol=1e-6, atol=1e-6)
 
 
 def test_bfloat16_follows_input_dtype():
@@ -144,13 +158,13 @@ def test_bfloat16_follows_input_dtype():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(impl="fast"), "config.model.conv_impl"),
+    (dict(impl="fast"), "conv impl"),
     (dict(stride=0), "stride"),
     (dict(padding=-1), "padding"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     x, kernel = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 1))
-    args = dict(stride=1, padding=1, impl="im2col") | kwargs
+    args = dict(stride=1, padding=1, impl="hybrid") | kwargs
     with pytest.raises(ValueError, match=match):
         conv_ops.conv2d(x, kernel, **args)
 

@@ -1,11 +1,10 @@
-"""hostenv: when and how the entry points restart themselves with glibc's huge-page tunable."""
+"""hostenv: host devices, and when the entry points restart themselves with glibc's huge-page tunable."""
 
 import subprocess
 import sys
 
 import pytest
 
-from nin_jax import mesh
 from nin_jax.cpu import hostenv
 
 
@@ -32,7 +31,7 @@ def test_tunable_is_added_only_where_it_changes_something():
 @pytest.mark.skipif(hostenv.transparent_hugepage_mode() != "madvise" or not sys.platform.startswith("linux"),
                     reason="re-execution only happens with THP in madvise mode")
 def test_reexec_keeps_the_command_and_sets_the_tunable():
-    code = ("import os, sys; from nin_jax import hostenv; print('start', flush=True); "
+    code = ("import os, sys; from nin_jax.cpu import hostenv; print('start', flush=True); "
             "hostenv.reexec_with_hugepages(); print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "."}
     out = subprocess.run([sys.executable, "-c", code, "--flag=1"], env=env, capture_output=True, text=True,
@@ -42,9 +41,16 @@ def test_reexec_keeps_the_command_and_sets_the_tunable():
 
 
 def test_host_device_count_defaults_to_a_divisor_of_the_batch_per_core(monkeypatch):
-    monkeypatch.setattr(mesh.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
-    assert mesh.host_device_count(0, 128) == 4  # 6 cores, but 128 splits evenly over at most 4
-    assert mesh.host_device_count(0, 96) == 6
-    assert mesh.host_device_count(3, 128) == 3  # an explicit count is kept (the mesh checks divisibility)
+    monkeypatch.setattr(hostenv.os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert hostenv.host_device_count(0, 128) == 4  # 6 cores, but 128 splits evenly over at most 4
+    assert hostenv.host_device_count(0, 96) == 6
+    assert hostenv.host_device_count(3, 128) == 3  # an explicit count is kept (the mesh checks divisibility)
     with pytest.raises(ValueError, match="num_cpu_devices=-1"):
-        mesh.host_device_count(-1, 128)
+        hostenv.host_device_count(-1, 128)
+
+
+def test_accelerator_hosts_are_left_alone(monkeypatch):
+    assert hostenv.cpu_backend_expected({"JAX_PLATFORMS": "cpu"})
+    assert not hostenv.cpu_backend_expected({"JAX_PLATFORMS": "tpu,cpu"})
+    monkeypatch.setattr(hostenv.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert not hostenv.cpu_backend_expected({})

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from nin_jax.config import ConfigError
 from nin_jax import checkpointing
 from nin_jax.tools import evaluate
 import launch_helpers
@@ -61,12 +62,12 @@ def test_best_checkpoint_is_the_step_with_the_highest_saved_eval_top1(run):
 def test_workdir_without_checkpoint(run, tmp_path):
     workdir, _ = run
     shutil.copy(os.path.join(workdir, "config.json"), tmp_path / "config.json")
-    with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints"):
+    with pytest.raises(ConfigError, match="no checkpoint in .*checkpoints"):
         evaluate.evaluate_checkpoint(str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="has not saved one yet"):
+    with pytest.raises(ConfigError, match="has not saved one yet"):
         evaluate.evaluate_checkpoint(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    with pytest.raises(ConfigError, match="config.json does not exist"):
         evaluate.evaluate_checkpoint(str(tmp_path / "nothing"))
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from config_helpers import model_config
 from nin_jax import architectures, models
 
 PAPER_PARAMS = {
@@ -26,7 +27,7 @@ def _init_shapes(cfg, num_classes, input_shape):
 @pytest.mark.parametrize("arch", sorted(PAPER_PARAMS))
 def test_preset_has_the_papers_parameter_count(arch):
     preset = architectures.PRESETS[arch]
-    model, variables = _init_shapes(models.preset_config(arch), preset["num_classes"], preset["input_shape"])
+    model, variables = _init_shapes(model_config(arch), preset["num_classes"], preset["input_shape"])
     assert models.count_params(variables["params"]) == PAPER_PARAMS[arch]
     # The analytic table agrees with the built module.
     rows = models.model_layer_table(model, preset["input_shape"])
@@ -49,7 +50,7 @@ def test_feature_map_sizes_follow_caffe_ceil_pooling():
 
 @pytest.fixture(scope="module")
 def digits_model():
-    model = models.create_model(models.preset_config("nin_digits"), 10)
+    model = models.create_model(model_config("nin_digits"), 10)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     variables = model.init(jax.random.key(0), x, train=False)
     return model, variables, x
@@ -65,7 +66,7 @@ def test_output_shapes_and_gap_logits_are_class_map_means(digits_model):
 
 
 def test_class_map_relu_can_be_switched_off():
-    cfg = models.preset_config("nin_digits", class_map_relu=False)
+    cfg = model_config("nin_digits", class_map_relu=False)
     model = models.create_model(cfg, 10)
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
     variables = model.init(jax.random.key(0), x, train=False)
@@ -84,7 +85,7 @@ def test_dropout_is_off_in_eval_and_on_in_training(digits_model):
 
 
 def test_batch_norm_uses_batch_statistics_in_training_and_running_averages_in_eval():
-    model = models.create_model(models.preset_config("nin_digits", batch_norm=True, dropout_rate=0.0), 10)
+    model = models.create_model(model_config("nin_digits", batch_norm=True, dropout_rate=0.0), 10)
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
     variables = model.init(jax.random.key(0), x, train=False)
     assert "batch_stats" in variables
@@ -101,13 +102,13 @@ def test_batch_norm_uses_batch_statistics_in_training_and_running_averages_in_ev
 
 
 def test_batch_norm_replaces_conv_bias():
-    model, variables = _init_shapes(models.preset_config("nin_cifar10", batch_norm=True), 10, (32, 32, 3))
+    model, variables = _init_shapes(model_config("nin_cifar10", batch_norm=True), 10, (32, 32, 3))
     block = variables["params"]["block1"]
     assert "bias" not in block["conv"] and set(block["bn0"]) == {"scale", "bias"}
 
 
 def test_plain_conv_ablation_has_no_1x1_layers():
-    cfg = models.preset_config("nin_cifar10", mlp_layers=0)
+    cfg = model_config("nin_cifar10", mlp_layers=0)
     model, variables = _init_shapes(cfg, 10, (32, 32, 3))
     names = {k for block in variables["params"].values() for k in block}
     assert names == {"conv"}
@@ -117,9 +118,9 @@ def test_plain_conv_ablation_has_no_1x1_layers():
 
 
 def test_one_1x1_layer_keeps_the_conv_and_output_widths():
-    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", mlp_layers=1), 10)
+    blocks = architectures.resolve_blocks(model_config("nin_cifar10", mlp_layers=1), 10)
     assert [b.widths for b in blocks] == [(192, 96), (192, 192), (192, 10)]
-    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", mlp_layers=3), 10)
+    blocks = architectures.resolve_blocks(model_config("nin_cifar10", mlp_layers=3), 10)
     assert blocks[0].widths == (192, 160, 160, 96)
 
 
@@ -128,13 +129,13 @@ def test_one_1x1_layer_keeps_the_conv_and_output_widths():
     [("class_maps", 966_986 + 10 * 8 * 8 * 10 + 10), ("features", 966_986 - 1_930 + 192 * 8 * 8 * 10 + 10)],
 )
 def test_fc_head_parameter_counts(fc_input, expected):
-    model, variables = _init_shapes(models.preset_config("nin_cifar10", head="fc", fc_input=fc_input), 10, (32, 32, 3))
+    model, variables = _init_shapes(model_config("nin_cifar10", head="fc", fc_input=fc_input), 10, (32, 32, 3))
     assert models.count_params(variables["params"]) == expected
     assert sum(r.params for r in models.model_layer_table(model, (32, 32, 3))) == expected
 
 
 def test_fc_head_dropout_is_active_only_in_training():
-    model = models.create_model(models.preset_config("nin_digits", head="fc", fc_dropout=0.5, dropout_rate=0.0), 10)
+    model = models.create_model(model_config("nin_digits", head="fc", fc_dropout=0.5, dropout_rate=0.0), 10)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
     variables = model.init(jax.random.key(0), x, train=False)
     np.testing.assert_array_equal(model.apply(variables, x, train=False), model.apply(variables, x, train=False))
@@ -144,46 +145,70 @@ def test_fc_head_dropout_is_active_only_in_training():
 
 
 def test_width_multiplier_scales_hidden_channels_only():
-    blocks = architectures.resolve_blocks(models.preset_config("nin_cifar10", width=0.5), 10)
+    blocks = architectures.resolve_blocks(model_config("nin_cifar10", width=0.5), 10)
     assert [b.widths for b in blocks] == [(96, 80, 48), (96, 96, 96), (96, 96, 10)]
 
 
 def test_custom_block_list_sets_depth():
-    cfg = models.preset_config("nin_digits", blocks="3:32-32-32:max, 3:32-C")
+    cfg = model_config("nin_digits", blocks="3:32-32-32:max, 3:32-C")
     model = models.create_model(cfg, 10)
-    assert [b.widths for b in model.blocks] == [(32, 32, 32), (32, 10)]
-    assert model.blocks[0].dropout and not model.blocks[1].dropout and model.blocks[1].pool is None
+    assert [b.widths for b in model.block_specs] == [(32, 32, 32), (32, 10)]
+    specs = model.block_specs
+    assert specs[0].dropout and not specs[1].dropout and specs[1].pool is None
     logits = model.apply(model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False),
                          jnp.zeros((2, 8, 8, 1)), train=False)
     assert logits.shape == (2, 10)
 
 
 def test_caffe_init_uses_the_original_stds():
-    model = models.create_model(models.preset_config("nin_cifar100", init="caffe"), 100)
+    model = models.create_model(model_config("nin_cifar100", init="caffe"), 100)
     params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
     assert float(jnp.std(params["block1"]["conv"]["kernel"])) == pytest.approx(0.001, rel=0.05)
     assert float(jnp.std(params["block2"]["conv"]["kernel"])) == pytest.approx(0.05, rel=0.05)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    model = models.create_model(models.preset_config("nin_digits"), 10, dtype=jnp.bfloat16)
+    model = models.create_model(model_config("nin_digits"), 10, dtype=jnp.bfloat16)
     x = jnp.ones((2, 8, 8, 1))
     variables = model.init(jax.random.key(0), x, train=False)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
     assert model.apply(variables, x, train=False).dtype == jnp.float32
 
 
-def test_caffe_average_pooling_counts_only_in_bounds_pixels():
+@pytest.mark.parametrize("cpu_kernels", [False, True])
+def test_caffe_pooling_is_ceil_mode_and_averages_only_in_bounds_pixels(cpu_kernels):
     x = jnp.ones((1, 8, 8, 1))
-    assert models.caffe_pool(x, "avg").shape == (1, 4, 4, 1)
-    np.testing.assert_allclose(models.caffe_pool(x, "avg"), 1.0)  # border windows are not diluted by padding
+    assert models.caffe_pool(x, "avg", cpu_kernels=cpu_kernels).shape == (1, 4, 4, 1)
+    # Border windows are not diluted by the overhang.
+    np.testing.assert_allclose(models.caffe_pool(x, "avg", cpu_kernels=cpu_kernels), 1.0)
+    x = -jnp.arange(64.0).reshape(1, 8, 8, 1)  # all negative: an overhang counted as 0 would win the max
+    np.testing.assert_allclose(models.caffe_pool(x, "max", cpu_kernels=cpu_kernels)[0, -1, -1, 0], -(6 * 8 + 6))
+
+
+def test_cpu_kernels_compute_the_same_model():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
+    cfg = model_config("nin_cifar10", batch_norm=True, width=0.5, dropout_rate=0.0)
+    plain = models.create_model(cfg, 10, cpu_kernels=False)
+    fast = models.create_model(cfg, 10, cpu_kernels=True)
+    assert fast.cpu_kernels == (jax.default_backend() == "cpu")
+    variables = plain.init(jax.random.key(0), x, train=False)
+
+    def loss(model, params):
+        return jnp.sum(model.apply({**variables, "params": params}, x, train=False) ** 2)
+
+    np.testing.assert_allclose(fast.apply(variables, x, train=False), plain.apply(variables, x, train=False),
+                               rtol=1e-4, atol=1e-4)
+    g_fast, g_plain = (jax.grad(loss, argnums=1)(m, variables["params"]) for m in (fast, plain))
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))))
 
 
 def test_output_layer_path_names_the_class_map_layer():
-    assert models.output_layer_path(models.create_model(models.preset_config("nin_cifar10"), 10)) == ("block3", "mlp2")
+    assert models.output_layer_path(models.create_model(model_config("nin_cifar10"), 10)) == ("block3", "mlp2")
     assert models.output_layer_path(
-        models.create_model(models.preset_config("nin_cifar10", mlp_layers=0), 10)) == ("block3", "conv")
-    assert models.output_layer_path(models.create_model(models.preset_config("nin_cifar10", head="fc"), 10)) == ("fc",)
+        models.create_model(model_config("nin_cifar10", mlp_layers=0), 10)) == ("block3", "conv")
+    assert models.output_layer_path(models.create_model(model_config("nin_cifar10", head="fc"), 10)) == ("fc",)
 
 
 @pytest.mark.parametrize(
@@ -203,10 +228,36 @@ def test_output_layer_path_names_the_class_map_layer():
 def test_bad_model_config_names_the_field(overrides, field):
     arch = overrides.pop("arch", "nin_digits")
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        models.create_model(models.preset_config(arch, **overrides), 10)
+        models.create_model(model_config(arch, **overrides), 10)
 
 
 def test_models_cli_prints_the_layer_table(capsys):
     models.main(["--arch=nin_imagenet"])
     out = capsys.readouterr().out
     assert "cccp8" in out and "7,595,176" in out and "28.97 MiB" in out
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("nin_cifar10", {}), ("nin_imagenet", {}), ("nin_svhn", dict(batch_norm=True)),
+    ("nin_cifar10", dict(mlp_layers=0, width=0.5)), ("nin_mnist", dict(head="fc", fc_input="features")),
+    ("nin_digits", dict(blocks="3:32-32-32:max, 3s2p1:48-C", head="fc")),
+])
+def test_layer_table_matches_the_built_module_layer_by_layer(arch, overrides):
+    preset = architectures.PRESETS[arch]
+    shape = preset["input_shape"]
+    model = models.create_model(model_config(arch, **overrides), preset["num_classes"])
+    x = jnp.zeros((1, *shape), jnp.float32)
+    (_, variables) = jax.eval_shape(
+        lambda: model.init_with_output(jax.random.key(0), x, train=False, capture_intermediates=True))
+    params, inter = variables["params"], variables["intermediates"]
+    built = []  # (params, output shape) per conv/1x1/fc layer, in order
+    for b in range(1, len(model.block_specs) + 1):
+        block = params[f"block{b}"]
+        for j, name in enumerate(["conv"] + sorted(k for k in block if k.startswith("mlp"))):
+            n = models.count_params(block[name]) + models.count_params(block.get(f"bn{j}", {}))
+            built.append((n, inter[f"block{b}"][name]["__call__"][0].shape[1:]))
+    if "fc" in params:
+        built.append((models.count_params(params["fc"]), (1, 1, preset["num_classes"])))
+    rows = [r for r in models.model_layer_table(model, shape) if r.params or r.name == "fc"]
+    assert [(r.params, r.out_shape[-3:] if r.name != "fc" else r.out_shape) for r in rows] == [
+        (n, s if len(s) == 3 else (1, 1, s[-1])) for n, s in built]

@@ -9,6 +9,7 @@ from PIL import Image
 
 import launch_helpers
 from configs import default
+from nin_jax.config import ConfigError
 from nin_jax import architectures
 from nin_jax.tools import analysis, sweeps
 
@@ -53,7 +54,7 @@ def test_bad_sweep_input(tmp_path, capsys):
         sweeps.run_sweep("bn", str(tmp_path), DIGITS, {"model.widht": "0.5"}, dry_run=True)
     with pytest.raises(ValueError, match="has no point 'gapp'"):
         sweeps.run_sweep("gap_vs_fc", str(tmp_path), DIGITS, points=["gapp"], dry_run=True)
-    with pytest.raises(FileNotFoundError, match="--config=nowhere.py does not exist"):
+    with pytest.raises(ConfigError, match="--config=nowhere.py does not exist"):
         sweeps.run_sweep("bn", str(tmp_path), "nowhere.py")
     with pytest.raises(ValueError, match="is not KEY=VALUE"):
         sweeps.parse_overrides(["model.width"])

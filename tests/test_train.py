@@ -8,21 +8,19 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from config_helpers import with_overrides
 from configs import digits
 from nin_jax import mesh as mesh_lib, models, optim, train
+from nin_jax.config import ConfigError
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
 
 
 def small_config(**overrides):
-    config = digits.get_config()
-    config.model.width = 0.5
-    config.update_from_flattened_dict(overrides)
-    return config
+    return with_overrides(digits.get_config(), model__width=0.5, **overrides)
 
 
 def _batch(seed=0, n=16):
@@ -34,11 +32,9 @@ def _batch(seed=0, n=16):
 def _run_one_step(config, devices, steps=1):
     mesh = mesh_lib.create_mesh(devices)
     model = models.create_model(config.model, NUM_CLASSES)
-    train_model = model.clone(bn_axis_name="data") if (
-        config.parallelism == "shard_map" and config.model.batch_norm) else model
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
     state = train.create_train_state(config, model, IMAGE_SHAPE, lr_fn, mesh)
-    step = train.make_train_step(config, train_model, NUM_CLASSES, mesh)
+    step = train.make_train_step(config, model, NUM_CLASSES, mesh)
     losses = []
     for i in range(steps):
         batch = jax.device_put(_batch(i), mesh_lib.data_sharding(mesh))
@@ -145,14 +141,22 @@ def test_rerunning_a_finished_workdir_resumes_without_training(digits_run):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
 
 
-def test_resuming_with_a_different_model_is_refused(digits_run):
-    workdir, _ = digits_run
-    with pytest.raises(ValueError, match="config.model fields"):
-        train.train_and_evaluate(small_config(**{"model.head": "fc"}), str(workdir))
+def test_a_rerun_may_change_execution_settings_but_not_the_experiment(digits_run):
+    workdir, results = digits_run
+    saved = (workdir / "config.json").read_text()
+    other = _learning_config()
+    other.model.head = "fc"
+    other.optim.learning_rate = 0.05
+    with pytest.raises(ConfigError, match=r"model.head: 'gap' -> 'fc', optim.learning_rate: 0.1 -> 0.05"):
+        train.train_and_evaluate(other, str(workdir))
+    same = _learning_config()
+    same.parallelism, same.log_every_steps, same.cpu_kernels = "shard_map", 7, False
+    assert train.train_and_evaluate(same, str(workdir))["eval/top1"] == results["eval/top1"]
+    assert (workdir / "config.json").read_text() == saved  # the first start's record is kept
 
 
 def test_batch_not_divisible_by_devices_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="config.batch_size=12 is not divisible"):
+    with pytest.raises(ValueError, match="config.batch_size=12 must be a positive multiple"):
         train.train_and_evaluate(small_config(batch_size=12), str(tmp_path))
 
 

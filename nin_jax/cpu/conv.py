@@ -1,4 +1,4 @@
-"""2-D convolution (NHWC x HWIO, no bias) with implementations that are fast on XLA:CPU.
+"""2-D convolution (NHWC x HWIO, no bias) with formulations that are fast on XLA:CPU.
 
 On XLA:CPU the native `lax.conv_general_dilated` forward pass and its input gradient are fast (100-150
 GFLOP/s for the NIN layers on a 2-core AVX2 CPU), but its kernel (weight) gradient is not: ~55 GFLOP/s for
@@ -9,17 +9,12 @@ over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
 * ``"hybrid"``: XLA's convolution for the value and for dX (a forward convolution of the output
   gradient with the flipped kernel), and the weight gradient ``dW = patches^T @ g`` as GEMMs over patch
   matrices gathered by slicing (`_patch_gemm_dw`); a `jax.custom_vjp`.
-* ``"im2col"``: the value as one GEMM ``patches @ W.reshape(k*k*cin, cout)``; its autodiff is again
-  GEMMs plus slice/pad/add (``dW = patches^T @ g``, ``dX = col2im(g @ W^T)``). Building the patch matrix
-  costs memory traffic (k*k copies of the input), which on CPU outweighs the GEMM's speed beyond small cin.
-* ``"taps"``: the sum over the k*k taps of ``x_shifted @ W[tap]``, with a `jax.custom_vjp` whose
-  backward is per-tap matmuls too (``dX`` = the same sum for g and the flipped, transposed kernel,
-  ``dW[tap] = x_shifted^T @ g``). No patch matrix, but contractions only cin long.
 * ``"winograd"``: the value, dX and dW by Winograd F(2x2, kxk) (see `nin_jax.winograd`: 2.8x fewer
   multiplies for 5x5, float32 error within 1e-5); a `jax.custom_vjp`.
-* ``"auto"``: ``"xla"`` on GPU/TPU (their native convolutions are the fast path); on CPU ``"winograd"``
-  for stride-1 layers with a kernel size in `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS`
-  input channels, ``"hybrid"`` for the others.
+* ``"auto"`` (what the model uses): ``"winograd"`` for stride-1 layers with a kernel size in
+  `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS` input channels, ``"hybrid"`` for the others.
+
+`conv_general_dilated` plugs ``"auto"`` into `flax.linen.Conv`. Measured figures are in docs/performance.md.
 
 Strides > 1 are reduced to stride 1 by space-to-depth for every non-"xla" impl (an s x s pixel block
 becomes s*s*cin channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so
@@ -36,34 +31,50 @@ from jax import lax
 
 from nin_jax.cpu import winograd
 
-IMPLS = ("xla", "hybrid", "im2col", "taps", "winograd")
+IMPLS = ("xla", "hybrid", "winograd")
 CHOICES = ("auto",) + IMPLS
 # The weight gradient of "hybrid" builds the full im2col matrix up to this contraction length k*k*cin
 # (NIN-CIFAR10 conv1: 75), and one patch matrix per kernel row beyond it (conv2: 2400, conv3: 1728).
 FULL_IM2COL_MAX_CONTRACTION = 512
-# "auto" on CPU uses "winograd" for KxK convs with at least this many input channels (NIN's conv2 and conv3,
+# "auto" uses "winograd" for KxK convs with at least this many input channels (NIN's conv2 and conv3,
 # 96 and 192 channels: ~1.6x faster than XLA's convolution); on few channels (conv1: 3) the transformed
 # 192-channel output tiles cost more memory traffic than the multiplies saved.
 WINOGRAD_MIN_CHANNELS = 64
-# Kernel sizes "auto" computes by Winograd: those whose float32 error is tested (tests/test_conv_ops.py);
+# Kernel sizes "auto" computes by Winograd: those whose float32 error is tested (tests/test_cpu_conv.py);
 # the error grows quickly with larger kernels (more, and larger, interpolation points).
 WINOGRAD_KERNEL_SIZES = (3, 5)
 
 
-def resolve_impl(impl: str, backend: str | None = None, kernel_shape: tuple[int, ...] | None = None,
-                 stride: int = 1) -> str:
-    """Map ``impl`` (one of `CHOICES`) to a concrete implementation for ``backend`` (default: jax's) and,
-    for "auto" on CPU, a layer with an HWIO ``kernel_shape`` and ``stride``."""
+def resolve_impl(impl: str, kernel_shape: tuple[int, ...], stride: int = 1) -> str:
+    """Map ``impl`` (one of `CHOICES`) to a concrete formulation for a layer with HWIO ``kernel_shape``."""
     if impl not in CHOICES:
-        raise ValueError(f"conv impl {impl!r} is not one of {CHOICES} (config.model.conv_impl)")
+        raise ValueError(f"conv impl {impl!r} is not one of {CHOICES}")
     if impl != "auto":
         return impl
-    if (backend or jax.default_backend()) != "cpu":
-        return "xla"
-    if (kernel_shape is not None and stride == 1 and kernel_shape[0] in WINOGRAD_KERNEL_SIZES
-            and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS):
+    if stride == 1 and kernel_shape[0] in WINOGRAD_KERNEL_SIZES and kernel_shape[2] >= WINOGRAD_MIN_CHANNELS:
         return "winograd"
     return "hybrid"
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: tuple[int, int],
+                         padding: tuple[tuple[int, int], tuple[int, int]], lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, precision=None,
+                         preferred_element_type=None) -> jax.Array:
+    """`lax.conv_general_dilated`'s signature (as `flax.linen.Conv` calls it) running `conv2d(impl="auto")`.
+
+    Takes the NHWC x HWIO square-kernel convolutions with equal strides and symmetric padding that NIN uses;
+    anything else goes to `lax.conv_general_dilated` unchanged.
+    """
+    (top, bottom), (left, right) = padding
+    plain = (lhs.ndim == 4 and rhs.shape[0] == rhs.shape[1] and window_strides[0] == window_strides[1]
+             and top == bottom == left == right and feature_group_count == 1 and preferred_element_type is None
+             and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+             and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+    if not plain:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+    return conv2d(lhs, rhs, stride=window_strides[0], padding=top)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, stride: int = 1, padding: int = 0,
@@ -131,61 +142,6 @@ def _pad_hw(x: jax.Array, lo: int, hi: int | None = None) -> jax.Array:
 
 def _window(xp: jax.Array, i: int, j: int, out_h: int, out_w: int) -> jax.Array:
     return lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + out_h, j + out_w, xp.shape[3]))
-
-
-def _matmul(a: jax.Array, w: jax.Array) -> jax.Array:
-    """Channel matmul ``(b, h, w, c) @ (c, d)``: a plain GEMM over b*h*w rows."""
-    return jnp.einsum("bhwc,cd->bhwd", a, w)
-
-
-def _im2col(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-    k, _, cin, cout = kernel.shape
-    if k == 1:
-        return _matmul(_pad_hw(x, padding), kernel.reshape(cin, cout))
-    xp = _pad_hw(x, padding)
-    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
-    # Tap order (i, j, c) matches kernel.reshape(k*k*cin, cout).
-    patches = jnp.concatenate(
-        [_window(xp, i, j, out_h, out_w) for i in range(k) for j in range(k)], axis=-1)
-    return _matmul(patches, kernel.reshape(k * k * cin, cout))
-
-
-def _taps_sum(xp: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Valid stride-1 conv of pre-padded ``xp`` as a sum of k*k shifted channel matmuls."""
-    k = kernel.shape[0]
-    out_h, out_w = xp.shape[1] - k + 1, xp.shape[2] - k + 1
-    out = None
-    for i in range(k):
-        for j in range(k):
-            y = _matmul(_window(xp, i, j, out_h, out_w), kernel[i, j])
-            out = y if out is None else out + y
-    return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _taps(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
-    return _taps_sum(_pad_hw(x, padding), kernel)
-
-
-def _taps_fwd(x, kernel, padding):
-    return _taps(x, kernel, padding), (x, kernel)
-
-
-def _taps_bwd(padding, res, g):
-    x, kernel = res
-    k = kernel.shape[0]
-    # dX is the full correlation of g with the flipped, transposed kernel; padding g by
-    # k-1-padding (negative = crop) yields exactly x's spatial extent.
-    dx = _taps_sum(_pad_hw(g, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
-    xp = _pad_hw(x, padding)
-    out_h, out_w = g.shape[1], g.shape[2]
-    dk = jnp.stack([
-        jnp.einsum("bhwc,bhwd->cd", _window(xp, i, j, out_h, out_w), g)
-        for i in range(k) for j in range(k)]).reshape(kernel.shape)
-    return dx, dk
-
-
-_taps.defvjp(_taps_fwd, _taps_bwd)
 
 
 def _xla_s1(x: jax.Array, kernel: jax.Array, padding: int) -> jax.Array:
@@ -258,4 +214,4 @@ def _winograd_bwd(padding, res, g):
 
 _winograd.defvjp(_winograd_fwd, _winograd_bwd)
 
-_CONV_S1 = {"im2col": _im2col, "hybrid": _hybrid, "taps": _taps, "winograd": _winograd}
+_CONV_S1 = {"hybrid": _hybrid, "winograd": _winograd}

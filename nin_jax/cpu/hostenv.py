@@ -1,16 +1,23 @@
-"""Process-level settings of the host that must be in place before Python starts.
+"""Host settings for the CPU backend, applied by the command-line tools before jax starts.
 
-XLA:CPU allocates its activations and temporaries with malloc. Buffers of tens of MB are mmap-ed fresh for
-every step, and with the kernel's transparent huge pages in ``madvise`` mode (the common default) they fault
-in 4 KiB at a time: on a 2-core CPU huge pages made the NIN-CIFAR10 step 3-25% faster, run to run. glibc
-advises huge pages for its allocations when started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``; glibc
-reads that only at startup, so the command-line entry points re-execute themselves once with it set.
+`prepare` splits the CPU into host devices (data parallel over the cores) and, with `config.cpu_kernels`,
+re-executes the process with malloc huge pages. Hosts with an accelerator plugin are left alone.
+
+Why huge pages: XLA:CPU's large per-step buffers are mapped fresh for every step, and with the kernel's
+transparent huge pages in ``madvise`` mode (the common default) they fault in 4 KiB at a time (the measured
+gain is in docs/performance.md). glibc advises huge pages for its allocations when started with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` and reads that only at startup, hence the re-execution.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+
+import ml_collections
+
+from nin_jax.config import ConfigError
 
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 # Set to 1 to keep the process as started (no re-execution).
@@ -56,3 +63,41 @@ def reexec_with_hugepages() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+# Packages whose presence means jax will run on an accelerator (TPU, NVIDIA or AMD GPUs).
+_ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
+
+
+def cpu_backend_expected(environ: dict[str, str] | None = None) -> bool:
+    """Whether jax will run on the CPU, known without initialising it (JAX_PLATFORMS or installed plugins)."""
+    platforms = (os.environ if environ is None else environ).get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def host_device_count(requested: int, batch_size: int) -> int:
+    """``requested`` host devices, or for 0 one per core this process may use, lowered to a divisor of
+    ``batch_size`` so that the data-parallel batch splits evenly."""
+    if requested < 0:
+        raise ConfigError(f"config.num_cpu_devices={requested} must be >= 0 (0: one per core).")
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(d for d in range(1, cores + 1) if batch_size % d == 0)
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+    """Call before jax initialises its backends. On a CPU-only host: re-executes with huge pages when
+    `config.cpu_kernels` is on (returns only if nothing changes), then sets the number of host devices
+    (`host_device_count`) unless XLA_FLAGS already sets one. Elsewhere does nothing."""
+    if not cpu_backend_expected():
+        return
+    count = host_device_count(config.num_cpu_devices, config.batch_size)
+    if config.cpu_kernels:
+        reexec_with_hugepages()
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax  # pylint: disable=g-import-not-at-top
+
+        jax.config.update("jax_num_cpu_devices", count)

@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from matplotlib import patches  # noqa: E402
 
-from nin_jax import checkpointing, mesh as mesh_lib  # noqa: E402
+from nin_jax.config import ConfigError  # noqa: E402
+from nin_jax.cpu import hostenv  # noqa: E402
 from nin_jax.tools import evaluate, sweeps  # noqa: E402
 
 CELL_INCHES = 1.1  # one image or class map
@@ -65,7 +66,7 @@ def class_maps(workdir: str, out: str, *, num_images: int = 6, split: str | None
     Runs in one process (it reads the first eval batch back to the host).
     """
     if num_images < 1:
-        raise ValueError(f"--num_images={num_images} must be >= 1.")
+        raise ConfigError(f"--num_images={num_images} must be >= 1.")
     config = evaluate.load_saved_config(workdir)
     if data_dir is not None:
         config.data_dir = data_dir
@@ -80,7 +81,7 @@ def class_maps(workdir: str, out: str, *, num_images: int = 6, split: str | None
     logits, maps = jax.device_get(apply(r.variables, images))
     names = r.pipeline.info.class_names
     if maps.shape[-1] != len(names):
-        raise ValueError(
+        raise ConfigError(
             f"{workdir} trained model.head={r.config.model.head!r} with "
             f"model.fc_input={r.config.model.fc_input!r}: its last layer has {maps.shape[-1]} channels, not one "
             f"map per class ({len(names)}); class maps need head='gap' or fc_input='class_maps'."
@@ -168,7 +169,7 @@ def collect_sweeps(root: str) -> dict[str, list[PointResult]]:
     """{sweep: point results} under `root`, in each known sweep's point order (unknown points after, by name)."""
     path = epath.Path(root)
     if not path.is_dir():
-        raise FileNotFoundError(f"--root={root} is not a directory; pass the --root a sweep was run with.")
+        raise ConfigError(f"--root={root} is not a directory; pass the --root a sweep was run with.")
     dirs = [path] if _is_sweep_dir(path) else sorted((c for c in path.iterdir() if c.is_dir()), key=lambda c: c.name)
     out = {}
     for d in dirs:
@@ -178,7 +179,7 @@ def collect_sweeps(root: str) -> dict[str, list[PointResult]]:
         out[d.name] = [_point_result(d.name, n, d / n) for n in names]
     out = {k: v for k, v in out.items() if any(p.status != "not run" for p in v)}
     if not out:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no sweep points under --root={root} (expected <root>/<sweep>/<point>/results.json); "
             f"run one with launch/sweep.py (sweeps: {sorted(sweeps.SWEEPS)})."
         )
@@ -279,8 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "class_maps":
-            cfg = evaluate.load_saved_config(args.workdir)
-            mesh_lib.use_host_devices(cfg.num_cpu_devices, cfg.batch_size)  # before jax's backends start, as in training
+            hostenv.prepare(evaluate.load_saved_config(args.workdir))  # before jax's backends start, as in training
             drawn = class_maps(args.workdir, args.out, num_images=args.num_images, split=args.split,
                                checkpoint=args.checkpoint, data_dir=args.data_dir)
             print(json.dumps(drawn))
@@ -292,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 epath.Path(args.out).write_text(table)
             if args.plot:
                 sweep_plot(results, args.plot)
-    except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

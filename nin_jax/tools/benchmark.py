@@ -1,7 +1,7 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
     python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
-        [--input_batches=0] [--config.num_cpu_devices=0] [--config.model.conv_impl=auto]
+        [--input_batches=0] [--config.num_cpu_devices=0] [--config.cpu_kernels=true]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
 runs `--steps` rounds on a synthetic batch after `--warmup` untimed steps. A round times, each to
@@ -31,8 +31,9 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from nin_jax import architectures, mesh as mesh_lib, models, train
-from nin_jax.cpu import conv as conv_ops, hostenv, winograd
+from nin_jax import architectures, data, mesh as mesh_lib, models, train
+from nin_jax.config import ConfigError
+from nin_jax.cpu import conv as cpu_conv, hostenv, winograd
 
 # Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -68,12 +69,10 @@ def dataset_shape(config: ml_collections.ConfigDict,
     Built-in datasets come from `DATASET_SHAPES`; an image folder is opened (with ``sharding``) to read them.
     """
     if config.dataset == "image_folder" and sharding is not None:
-        from nin_jax import input_pipeline  # opening a folder lists and decodes it
-
-        info = input_pipeline.Pipeline(config, sharding).info
+        info = data.Pipeline(config, sharding).info  # opening a folder lists and decodes it
         return tuple(info.image_shape), info.num_classes
     if config.dataset not in DATASET_SHAPES:
-        raise ValueError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
+        raise ConfigError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
                          f"use one of {tuple(DATASET_SHAPES)} or 'image_folder'.")
     (h, w, c), num_classes = DATASET_SHAPES[config.dataset]
     if config.get("image_size"):
@@ -124,11 +123,11 @@ def _peak_memory_bytes() -> tuple[str, float]:
 
 
 def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
-    """The implementation each block's KxK convolution resolves to ("auto" is per layer on CPU)."""
+    """The formulation each block's KxK convolution runs: per layer with CPU kernels, else XLA's."""
     impls = []
-    for block in model.blocks:
+    for block in model.block_specs:
         kernel_shape = (block.kernel, block.kernel, in_channels, block.widths[0])
-        impls.append(conv_ops.resolve_impl(model.conv_impl, kernel_shape=kernel_shape, stride=block.stride))
+        impls.append(cpu_conv.resolve_impl("auto", kernel_shape, block.stride) if model.cpu_kernels else "xla")
         in_channels = block.widths[-1]
     return impls
 
@@ -141,7 +140,7 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
     forward, train_step = architectures.forward_flops_per_image(rows), architectures.train_flops_per_image(rows)
     by_name = {r.name: r for r in rows}
     first_conv = next(r for r in rows if r.macs).name
-    for i, (block, impl) in enumerate(zip(model.blocks, _resolved_conv_impls(model, in_channels)), start=1):
+    for i, (block, impl) in enumerate(zip(model.block_specs, _resolved_conv_impls(model, in_channels)), start=1):
         if impl != "winograd":
             continue
         row = by_name[f"conv{i}"]
@@ -160,30 +159,23 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
     if steps < 1 or warmup < 0:
-        raise ValueError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+        raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
     mesh = mesh_lib.create_mesh()
     mesh_lib.check_batch_divisible(config.batch_size)
     # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
     input_results: dict[str, Any] = {"input/img_per_sec": None}
     if input_batches > 0:
-        from nin_jax import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
+        from nin_jax.tools import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
 
         input_results = input_benchmark.measure_input_throughput(config, input_batches)
-    data = mesh_lib.data_sharding(mesh)
-    image_shape, num_classes = dataset_shape(config, data)
+    batch_sharding = mesh_lib.data_sharding(mesh)
+    image_shape, num_classes = dataset_shape(config, batch_sharding)
     if input_batches > 0 or config.dataset == "image_folder":
-        from nin_jax import input_pipeline
-
-        # The steps below run on synthetic batches. Freeing the decoded dataset (~1 GB for CIFAR-10) matters:
-        # with it held, the train step's fresh buffers took 1,870 instead of 1,370 page faults and 0.56-0.89
-        # instead of 0.32-0.37 s of kernel time per step (measured, 2 host devices).
-        input_pipeline.clear_caches()
+        # The steps below run on synthetic batches; the decoded dataset is freed (see docs/performance.md).
+        data.clear_caches()
         gc.collect()
     dtype = train.compute_dtype(config)
-    model = models.create_model(config.model, num_classes, dtype=dtype)
-    train_model = model
-    if config.parallelism == "shard_map" and config.model.batch_norm:
-        train_model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)
+    model = models.create_model(config.model, num_classes, dtype=dtype, cpu_kernels=config.cpu_kernels)
     # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
     lr_fn = optax.constant_schedule(config.optim.learning_rate)
     rows = models.model_layer_table(model, image_shape)
@@ -196,20 +188,20 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     batch = jax.device_put({
         "image": rng.standard_normal((batch_size, *image_shape), np.float32),
         "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
-    }, data)
+    }, batch_sharding)
     state = train.create_train_state(config, model, image_shape, lr_fn, mesh)
 
     start = time.perf_counter()
-    train_step = train.make_train_step(config, train_model, num_classes, mesh).lower(state, batch).compile()
+    train_step = train.make_train_step(config, model, num_classes, mesh).lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
 
     def infer_fn(state, images):
-        variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        variables = models.variables(state.params, state.batch_stats)
         return model.apply(variables, images, train=False)
 
     repl = mesh_lib.replicated(mesh)
     start = time.perf_counter()
-    infer = jax.jit(infer_fn, in_shardings=(repl, data), out_shardings=data).lower(state, batch["image"]).compile()
+    infer = jax.jit(infer_fn, in_shardings=(repl, batch_sharding), out_shardings=batch_sharding).lower(state, batch["image"]).compile()
     infer_compile_seconds = time.perf_counter() - start
 
     holder = {"state": state}
@@ -282,7 +274,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "steps": steps,
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
-        "conv_impl": config.model.conv_impl,
+        "cpu_kernels": model.cpu_kernels,
         "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
         "parallelism": config.parallelism,
         "load_avg_1min": [load_start, load_end],
@@ -299,7 +291,7 @@ def format_results(r: dict[str, Any]) -> str:
         return "skipped" if v is None else format(v, spec)
     lines = [
         f"{r['arch']} batch {r['batch_size']} {r['dtype']} on {r['device_count']} x {r['device_kind']} "
-        f"({r['platform']}), conv impl {r['conv_impl']} {r['conv_impls_resolved']}, {r['parallelism']}",
+        f"({r['platform']}), cpu kernels {r['cpu_kernels']}: convs {r['conv_impls_resolved']}, {r['parallelism']}",
         f"{'':<22}{'img/s':>10}{'ms/step':>10}{'GFLOP/s':>10}{'MFU':>8}{'vs max peak':>13}",
         f"{'train':<22}{r['train/img_per_sec']:>10.1f}{r['train/step_ms_median']:>10.1f}"
         f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}{r['train/mfu_vs_max_peak']:>13.3f}",
@@ -333,9 +325,12 @@ def main(argv: Sequence[str]) -> None:
     config = config.copy_and_resolve_references()
     if _BATCH.value is not None:
         config.batch_size = _BATCH.value
-    mesh_lib.use_host_devices(config.num_cpu_devices, config.batch_size)
-    results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
-                  peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
+    try:
+        hostenv.prepare(config)
+        results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
+                      peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from e
     print(format_results(results), flush=True)
     if _JSON.value:
         with open(_JSON.value, "w") as f:

@@ -20,7 +20,9 @@ import ml_collections
 import optax
 from etils import epath
 
-from nin_jax import checkpointing, input_pipeline, mesh as mesh_lib, models, train
+from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
+from nin_jax.config import ConfigError
+from nin_jax.cpu import hostenv
 
 CHECKPOINT_CHOICES = "latest | best | a step number"
 
@@ -32,7 +34,7 @@ class Restored:
     config: ml_collections.ConfigDict
     model: Any  # models.NIN
     state: Any  # train.TrainState
-    pipeline: Any  # input_pipeline.Pipeline
+    pipeline: Any  # data.Pipeline
     mesh: Any  # jax.sharding.Mesh
     step: int
     checkpoint: str  # the step directory restored
@@ -40,21 +42,20 @@ class Restored:
     @property
     def variables(self) -> dict:
         """What `model.apply` takes for inference."""
-        stats = {"batch_stats": self.state.batch_stats} if self.state.batch_stats else {}
-        return {"params": self.state.params, **stats}
+        return models.variables(self.state.params, self.state.batch_stats)
 
 
 def load_saved_config(workdir: str, *, arch: str | None = None) -> ml_collections.ConfigDict:
     """The config.json a training run wrote in `workdir`; with `arch`, checks that it trained that arch."""
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{path} does not exist: --workdir={workdir} holds no training run "
             "(train first with `python -m nin_jax.main --config=... --workdir=...`)."
         )
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = config_lib.from_json(path.read_text())
     if arch is not None and arch != config.model.arch:
-        raise ValueError(
+        raise ConfigError(
             f"--arch={arch} does not match the checkpoint in {workdir}, which was trained as "
             f"model.arch={config.model.arch!r} (config.json); drop --arch or pass --arch={config.model.arch}."
         )
@@ -68,7 +69,7 @@ def _round_up(n: int, multiple: int) -> int:
 def _select_step(mngr: Any, checkpoint: str, directory: epath.Path) -> int:
     steps = sorted(mngr.all_steps())
     if not steps:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no checkpoint in {directory}: the run in this workdir has not saved one yet "
             "(train longer, or lower config.checkpoint_every_steps)."
         )
@@ -78,13 +79,13 @@ def _select_step(mngr: Any, checkpoint: str, directory: epath.Path) -> int:
         metric = checkpointing.BEST_METRIC
         scored = [(m[metric], s) for s, m in ((s, mngr.metrics(s)) for s in steps) if m and metric in m]
         if not scored:
-            raise ValueError(f"no checkpoint in {directory} carries {metric}; use --checkpoint=latest.")
+            raise ConfigError(f"no checkpoint in {directory} carries {metric}; use --checkpoint=latest.")
         return max(scored)[1]
     if checkpoint.isdigit():
         if int(checkpoint) not in steps:
-            raise ValueError(f"--checkpoint={checkpoint}: no such step in {directory}; saved steps are {steps}.")
+            raise ConfigError(f"--checkpoint={checkpoint}: no such step in {directory}; saved steps are {steps}.")
         return int(checkpoint)
-    raise ValueError(f"--checkpoint={checkpoint!r}; choose {CHECKPOINT_CHOICES}.")
+    raise ConfigError(f"--checkpoint={checkpoint!r}; choose {CHECKPOINT_CHOICES}.")
 
 
 def restore(workdir: str, *, checkpoint: str = "latest", arch: str | None = None,
@@ -96,7 +97,7 @@ def restore(workdir: str, *, checkpoint: str = "latest", arch: str | None = None
     config = load_saved_config(workdir, arch=arch) if config is None else config
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
             "(train longer, or lower config.checkpoint_every_steps)."
         )
@@ -111,9 +112,10 @@ def restore(workdir: str, *, checkpoint: str = "latest", arch: str | None = None
     mngr = checkpointing.create_manager(ckpt_dir, keep=config.keep_checkpoints, read_only=True)
     try:
         step = _select_step(mngr, str(checkpoint), ckpt_dir)
-        pipeline = input_pipeline.Pipeline(config, mesh_lib.data_sharding(mesh))
+        pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
         info = pipeline.info
-        model = models.create_model(config.model, info.num_classes, dtype=train.compute_dtype(config))
+        model = models.create_model(config.model, info.num_classes, dtype=train.compute_dtype(config),
+                                    cpu_kernels=config.cpu_kernels)
         # The optimizer state's structure does not depend on the schedule: any schedule gives the restore target.
         abstract = train.abstract_train_state(config, model, info.image_shape, optax.constant_schedule(0.0), mesh)
         try:
@@ -154,10 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         saved = load_saved_config(args.workdir, arch=args.arch)
-        # Before any computation initialises jax's backends, as in training.
-        mesh_lib.use_host_devices(saved.num_cpu_devices, saved.batch_size)
+        hostenv.prepare(saved)  # before any computation initialises jax's backends, as in training
         result = evaluate_checkpoint(args.workdir, args.split, args.checkpoint, arch=args.arch, data_dir=args.data_dir)
-    except (ValueError, FileNotFoundError, checkpointing.CheckpointError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, sort_keys=True), flush=True)

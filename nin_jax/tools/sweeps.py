@@ -12,8 +12,6 @@ its latest checkpoint, which `nin_jax.main` does by itself.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import shlex
 import subprocess
 import sys
@@ -23,9 +21,7 @@ import ml_collections
 from etils import epath
 
 from nin_jax import config as config_lib
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from nin_jax.config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Point:
@@ -49,7 +45,7 @@ class Sweep:
         for p in self.points:
             if p.name == name:
                 return p
-        raise ValueError(f"sweep {self.name!r} has no point {name!r}; choose from {[p.name for p in self.points]}.")
+        raise ConfigError(f"sweep {self.name!r} has no point {name!r}; choose from {[p.name for p in self.points]}.")
 
 
 def _depth_blocks(n: int) -> str:
@@ -107,7 +103,7 @@ SWEEPS: dict[str, Sweep] = {
 
 def get_sweep(name: str) -> Sweep:
     if name not in SWEEPS:
-        raise ValueError(f"unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
+        raise ConfigError(f"unknown sweep {name!r}; choose one of {sorted(SWEEPS)}.")
     return SWEEPS[name]
 
 
@@ -128,14 +124,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         key = key.strip().removeprefix("--").removeprefix("config.")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE; write e.g. model.width=0.5.")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; write e.g. model.width=0.5.")
         out[key] = value
     return out
-
-
-def load_config(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config file (the repository root is importable, as for `nin_jax.main`)."""
-    return config_lib.load_config_file(path)
 
 
 def check_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], where: str) -> None:
@@ -144,7 +135,7 @@ def check_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], 
         node = config
         for part in key.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                raise ValueError(f"{where}: config has no field {key!r} (from {key}=...); check the spelling.")
+                raise ConfigError(f"{where}: config has no field {key!r} (from {key}=...); check the spelling.")
             node = node[part]
 
 
@@ -152,7 +143,7 @@ def point_overrides(sweep: Sweep, point: Point, common: Mapping[str, Any]) -> di
     """Sweep base, then the user's common overrides, then the point's own (which the user may not change)."""
     clash = sorted(set(common) & set(point.overrides))
     if clash:
-        raise ValueError(
+        raise ConfigError(
             f"--set {clash} would override what sweep {sweep.name!r} varies (point {point.name!r}); drop it."
         )
     return {**sweep.base, **common, **point.overrides}
@@ -171,7 +162,7 @@ def plan(sweep_name: str, root: str, config_path: str, common: Mapping[str, Any]
     sweep = get_sweep(sweep_name)
     common = dict(common or {})
     selected = [sweep.point(p) for p in points] if points else list(sweep.points)
-    config = load_config(config_path)
+    config = config_lib.load_config_file(config_path)
     check_keys(config, common, "--set")
     out = []
     for p in selected:
@@ -183,10 +174,7 @@ def plan(sweep_name: str, root: str, config_path: str, common: Mapping[str, Any]
 
 
 def _run_subprocess(cmd: list[str]) -> int:
-    env = dict(os.environ)
-    # `-m nin_jax.main` must import this checkout whatever the caller's working directory.
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd)
 
 
 def run_sweep(sweep_name: str, root: str, config_path: str, common: Mapping[str, Any] | None = None,
