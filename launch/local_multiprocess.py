@@ -36,7 +36,6 @@ from typing import IO, Sequence
 
 PREEMPTED_EXIT_CODE = 143  # nin_jax.train.PREEMPTED_EXIT_CODE (not imported: the launcher must not import jax)
 _DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\S*")
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -55,7 +54,6 @@ def process_env(base: dict[str, str], *, process_id: int, num_processes: int, po
         JAX_NUM_PROCESSES=str(num_processes),
         JAX_PROCESS_ID=str(process_id),
         PYTHONUNBUFFERED="1",  # lines reach the launcher as they are printed
-        PYTHONPATH=os.pathsep.join(p for p in (_REPO_ROOT, base.get("PYTHONPATH", "")) if p),
     )
     xla_flags = _DEVICE_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
     if gpus_per_process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from typing import Mapping
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -14,27 +15,72 @@ from nin_jax.config import ConfigError
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when one is configured.
+# What each of jax's cluster detectors (jax/_src/clusters/, jax 0.10.2) needs in the environment, by the name
+# `jax.distributed.initialize(cluster_detection_method=...)` accepts. Only the yes/no is decided here; jax
+# derives the coordinator, process count and id, and each process's local GPU from the same variables.
+CLUSTER_ENV_VARS: dict[str, tuple[str, ...]] = {
+    "ompi": ("OMPI_MCA_orte_hnp_uri",),  # set by the mpirun of Open MPI 4 (ORTE)
+    "slurm": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),  # srun
+}
+# Set by local launchers (launch/local_multiprocess.py); they win over any cluster environment.
+EXPLICIT_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+# The process count each cluster environment states (jax reads the same variable).
+_PROCESS_COUNT_VAR = {"ompi": "OMPI_COMM_WORLD_SIZE", "slurm": "SLURM_NTASKS"}
 
-    TPU pods and SLURM/Cloud jobs are detected by `jax.distributed.initialize()` with no arguments; a local
-    multi-process run (see `launch/local_multiprocess.py`) passes JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
-    and JAX_PROCESS_ID.
+
+def detected_cluster(env: Mapping[str, str] = os.environ) -> str | None:
+    """The cluster environment of `CLUSTER_ENV_VARS` that `env` describes, in jax's order of preference."""
+    return next((name for name, names in CLUSTER_ENV_VARS.items() if all(n in env for n in names)), None)
+
+
+def _explicit_process(env: Mapping[str, str]) -> tuple[str, int, int]:
+    """(coordinator address, process count, process id) from `EXPLICIT_ENV_VARS`."""
+    missing = [n for n in EXPLICIT_ENV_VARS if n not in env]
+    if missing:
+        raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set but {', '.join(missing)} is not; set all of "
+                          f"{', '.join(EXPLICIT_ENV_VARS)} (or launch with launch/local_multiprocess.py).")
+    try:
+        count, pid = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ConfigError(f"JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                          f"{env['JAX_PROCESS_ID']!r} must be integers, e.g. 2 and 0.") from None
+    if not 0 <= pid < count:
+        raise ConfigError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={count}).")
+    return env["JAX_COORDINATOR_ADDRESS"], count, pid
+
+
+def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> str | None:
+    """Joins a multi-process job when one is configured; returns how it was found (None: a single process).
+
+    * "explicit": JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (local multi-process runs).
+      Cluster detection is switched off, so inside a SLURM allocation every process keeps all its devices.
+    * "slurm", "ompi": `srun` or Open MPI's `mpirun` started more than one process. jax's own detection
+      then finds the coordinator (SLURM: the first node of the step, port SLURM_JOB_ID % 4096 + 61440;
+      JAX_COORDINATOR_PORT overrides it) and gives each process one GPU, number SLURM_LOCALID (Open MPI:
+      the local rank); JAX_LOCAL_DEVICE_IDS=0,1,... overrides that, e.g. for one process per node. One task
+      alone keeps every device it sees and needs no coordinator.
+    * "tpu": jax[tpu] is installed; jax finds the slice's workers in the TPU VM metadata (one worker is a
+      one-process job). Without slice metadata, training continues as a single process, with a warning.
     """
-    env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
-        jax.distributed.initialize(
-            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(env["JAX_NUM_PROCESSES"]),
-            process_id=int(env["JAX_PROCESS_ID"]),
-        )
-    elif importlib.util.find_spec("libtpu") is not None:
-        # On a TPU VM (jax[tpu] installed) jax discovers the slice's workers from the VM metadata; on a
-        # single-worker VM this is a one-process job. Failure here means no slice metadata: run alone.
+        address, count, pid = _explicit_process(env)
+        jax.distributed.initialize(address, count, pid, cluster_detection_method="deactivate")
+        return "explicit"
+    cluster = detected_cluster(env)
+    if cluster is not None:
+        count = env.get(_PROCESS_COUNT_VAR[cluster], "1")
+        if count == "1":
+            return None
+        jax.distributed.initialize(cluster_detection_method=cluster)
+        return cluster
+    if importlib.util.find_spec("libtpu") is not None:
         try:
             jax.distributed.initialize()
         except (RuntimeError, ValueError) as e:
             logging.warning("jax.distributed.initialize() failed (%s); running as a single process.", e)
+            return None
+        return "tpu"
+    return None
 
 
 def create_mesh(devices: list | None = None) -> jax.sharding.Mesh:

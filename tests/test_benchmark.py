@@ -14,6 +14,8 @@ from config_helpers import model_config
 from nin_jax import architectures, models
 from nin_jax.tools import benchmark
 
+pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -7,6 +7,8 @@ import pytest
 
 from nin_jax.cpu import conv as conv_ops, winograd
 
+pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compile():

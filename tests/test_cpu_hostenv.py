@@ -7,6 +7,8 @@ import pytest
 
 from nin_jax.cpu import hostenv
 
+pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
+
 
 def test_thp_mode_is_the_bracketed_word(tmp_path):
     mode_file = tmp_path / "enabled"

@@ -8,6 +8,8 @@ import pytest
 
 from nin_jax.cpu import pooling
 
+pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
+
 # (input shape, window, stride, ((top, bottom), (left, right)) padding)
 CASES = [
     ((2, 9, 9, 3), 3, 2, ((0, 0), (0, 0))),

@@ -13,6 +13,8 @@ from nin_jax import checkpointing
 from nin_jax.tools import evaluate
 import launch_helpers
 
+pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
