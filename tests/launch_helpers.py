@@ -29,7 +29,7 @@ def tiny_sweep() -> tuple[str, list[str]]:
     """(sweep root, the launch/sweep.py arguments that made it)."""
     root = tempfile.mkdtemp(prefix="nin_launch_tests_")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    argv = [f"--sweep=gap_vs_fc", f"--root={root}", f"--config={DIGITS}", "--points=fc,gap",
+    argv = ["--sweep=gap_vs_fc", f"--root={root}", f"--config={DIGITS}", "--points=fc,gap",
             f"--set=cache_dir={root}/cache", "--set=model.width=0.25", "--set=num_train_steps=12",
             "--set=optim.warmup_epochs=0.1", "--set=eval_every_steps=6", "--config.checkpoint_every_steps=6",
             "--config.log_every_steps=6"]

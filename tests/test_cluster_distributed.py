@@ -15,6 +15,8 @@ from nin_jax import mesh
 from nin_jax.config import ConfigError
 import helpers_reliability as h
 
+pytestmark = pytest.mark.cpu  # processes of CPU host devices
+
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_STEPS = 8
 CHANGES = {"num_train_steps": NUM_STEPS, "eval_every_steps": NUM_STEPS}

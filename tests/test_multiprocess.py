@@ -183,6 +183,8 @@ def _launcher_module():
 
 _STAND_IN = """
 import os, signal, sys, time
+
+pytestmark = pytest.mark.cpu  # processes of CPU host devices
 e = os.environ
 print("env", e["JAX_PROCESS_ID"], e["JAX_NUM_PROCESSES"], e["JAX_COORDINATOR_ADDRESS"], e.get("XLA_FLAGS", ""),
       flush=True)
