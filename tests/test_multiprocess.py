@@ -26,6 +26,8 @@ import pytest
 from nin_jax import checkpointing, train
 import helpers_reliability as h
 
+pytestmark = pytest.mark.cpu  # processes of CPU host devices
+
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 NUM_DEVICES = NUM_PROCESSES * DEVICES_PER_PROCESS
@@ -183,8 +185,6 @@ def _launcher_module():
 
 _STAND_IN = """
 import os, signal, sys, time
-
-pytestmark = pytest.mark.cpu  # processes of CPU host devices
 e = os.environ
 print("env", e["JAX_PROCESS_ID"], e["JAX_NUM_PROCESSES"], e["JAX_COORDINATOR_ADDRESS"], e.get("XLA_FLAGS", ""),
       flush=True)
