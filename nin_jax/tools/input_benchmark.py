@@ -18,7 +18,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from nin_jax import input_pipeline, mesh as mesh_lib
+from nin_jax import data, mesh as mesh_lib
 
 def measure_input_throughput(
     config: ml_collections.ConfigDict, num_batches: int = 100, *, cold: bool = True, warmup_batches: int = 5
@@ -35,11 +35,11 @@ def measure_input_throughput(
       and its stages ``input/setup_<stage>_s``, plus the batch size and counts used.
     """
     if cold:
-        input_pipeline.clear_caches()
+        data.clear_caches()
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
     start = time.perf_counter()
-    pipeline = input_pipeline.Pipeline(config, sharding)
+    pipeline = data.Pipeline(config, sharding)
     first_pass = time.perf_counter() - start
     batches = pipeline.train_batches()
     for _ in range(warmup_batches):
