@@ -95,13 +95,3 @@ def data_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def check_batch_divisible(batch_size: int, field: str = "config.batch_size") -> None:
-    """A global batch must split evenly over processes and devices."""
-    procs, devices = jax.process_count(), jax.device_count()
-    if batch_size % devices or batch_size % procs:
-        raise ConfigError(
-            f"{field}={batch_size} is not divisible by the number of devices ({devices}) and processes ({procs}); "
-            f"use a multiple of {devices}, e.g. {max(devices, (batch_size // devices) * devices)}."
-        )

@@ -1,4 +1,4 @@
-"""Helpers for the input-pipeline tests: small configs, an 8-device data sharding and tiny image folders."""
+"""Helpers for the data tests: small configs, an 8-device data sharding and tiny image folders."""
 
 from __future__ import annotations
 

@@ -155,10 +155,10 @@ class Restorer:
     """Restores checkpoints of runs of `config` onto `devices` (default: every device) and evaluates them."""
 
     def __init__(self, config, devices: list | None = None):
-        from nin_jax import input_pipeline, mesh as mesh_lib, models, train
+        from nin_jax import data, mesh as mesh_lib, models, train
 
         self.mesh = mesh_lib.create_mesh(devices)
-        self.pipeline = input_pipeline.Pipeline(config, mesh_lib.data_sharding(self.mesh))
+        self.pipeline = data.Pipeline(config, mesh_lib.data_sharding(self.mesh))
         info = self.pipeline.info
         self.model = models.create_model(config.model, info.num_classes, dtype=train.compute_dtype(config))
         # The optimizer state's structure does not depend on the schedule's values.

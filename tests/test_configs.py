@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from nin_jax import architectures, input_pipeline, optim
+from nin_jax import architectures, data, optim
 
 CONFIGS = [("digits", None), ("default", None), ("cifar10", None), ("cifar10", "modern"), ("cifar100", None),
            ("svhn", None), ("mnist", None), ("imagenet", None)]
@@ -18,7 +18,7 @@ def _load(name, arg):
 @pytest.mark.parametrize("name, arg", CONFIGS)
 def test_config_is_consistent(name, arg):
     config = _load(name, arg)
-    assert config.dataset in input_pipeline.DATASETS
+    assert config.dataset in data.DATASETS
     assert config.model.arch in architectures.PRESETS
     assert config.recipe in optim.RECIPES
     assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0

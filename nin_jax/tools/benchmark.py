@@ -161,7 +161,7 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     if steps < 1 or warmup < 0:
         raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
     mesh = mesh_lib.create_mesh()
-    mesh_lib.check_batch_divisible(config.batch_size)
+    data.check_batch_layout(mesh_lib.data_sharding(mesh), config.batch_size, "config.batch_size")
     # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
     input_results: dict[str, Any] = {"input/img_per_sec": None}
     if input_batches > 0:

@@ -18,7 +18,8 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from nin_jax import input_pipeline, mesh as mesh_lib
+from nin_jax import data, mesh as mesh_lib
+from nin_jax.cpu import hostenv
 
 def measure_input_throughput(
     config: ml_collections.ConfigDict, num_batches: int = 100, *, cold: bool = True, warmup_batches: int = 5
@@ -35,11 +36,10 @@ def measure_input_throughput(
       and its stages ``input/setup_<stage>_s``, plus the batch size and counts used.
     """
     if cold:
-        input_pipeline.clear_caches()
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
+        data.clear_caches()
+    sharding = mesh_lib.data_sharding(mesh_lib.create_mesh())
     start = time.perf_counter()
-    pipeline = input_pipeline.Pipeline(config, sharding)
+    pipeline = data.Pipeline(config, sharding)
     first_pass = time.perf_counter() - start
     batches = pipeline.train_batches()
     for _ in range(warmup_batches):
@@ -62,7 +62,7 @@ def measure_input_throughput(
 
 
 def _report(config: ml_collections.ConfigDict, num_batches: int, as_json: bool) -> None:
-    mesh_lib.use_host_devices(config.num_cpu_devices, config.batch_size)  # the host devices training uses
+    hostenv.prepare(config)  # the host devices training uses
     result = measure_input_throughput(config, num_batches)
     if as_json:
         print(json.dumps(result))

@@ -14,19 +14,26 @@ Methods (``config.preprocess``):
 
 Fitted statistics (``standardize``, ``gcn_zca``) are computed once on the training split and stored as an
 ``.npz`` file keyed by dataset, split, image shape and settings; later runs load the file instead of refitting.
+`save_normalizer` / `load_normalizer` write and read one normaliser as a file (local or ``gs://``), so a run
+can keep the normaliser it trained with next to its checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import io
 import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from scipy import ndimage
+
+from nin_jax.config import ConfigError
 
 PREPROCESS_CHOICES = ("standardize", "gcn_zca", "gcn_lcn", "scale")
 # Methods whose statistics come from the training split (and are cached on disk).
@@ -87,7 +94,7 @@ def lecun_lcn(x: np.ndarray, kernel_size: int = 7, threshold: float = 1e-4) -> n
     return centered / np.maximum(np.maximum(per_image, denom), threshold)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Normalizer:
     """Maps uint8 [N, H, W, C] images to the float32 model input."""
 
@@ -105,7 +112,33 @@ class Normalizer:
             return ((flat - self.stats["mean"]) @ self.stats["whitening"]).reshape(images.shape)
         if self.method == "gcn_lcn":
             return lecun_lcn(global_contrast_normalize(images, scale=1.0))
-        raise ValueError(f"config.preprocess={self.method!r} is not one of {PREPROCESS_CHOICES}")
+        raise ValueError(f"unknown normalisation method {self.method!r}")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the mapping by value (method, settings, statistics): a key for normalised arrays."""
+        digest = hashlib.sha256(f"{self.method}:{float(self.gcn_scale)!r}".encode())
+        for name in sorted(self.stats):
+            stat = np.ascontiguousarray(self.stats[name])
+            digest.update(f"{name}:{stat.dtype}:{stat.shape}".encode())
+            digest.update(stat.tobytes())
+        return digest.hexdigest()
+
+    def check_input(self, image_shape: Sequence[int], source: str) -> None:
+        """Raises ConfigError when images of ``image_shape`` do not fit the fitted statistics."""
+        if self.method == "standardize":
+            fitted = (int(self.stats["mean"].shape[-1]),)
+            given = (int(image_shape[-1]),)
+        elif self.method == "gcn_zca":
+            fitted, given = (int(self.stats["mean"].size),), (int(np.prod(image_shape)),)
+        else:
+            return
+        if fitted != given:
+            raise ConfigError(
+                f"the {self.method} normaliser from {source} was fitted on inputs of {fitted[0]} "
+                f"{'channels' if self.method == 'standardize' else 'features'}, but config.dataset / "
+                f"config.image_size give images of shape {tuple(image_shape)}; use the config it was fitted with."
+            )
 
 
 def fit_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +163,11 @@ def cache_file_name(method: str, key: Mapping[str, object]) -> str:
     return f"nin_jax_{method}_{readable}_{digest}.npz"
 
 
-def _writable(directory: str) -> bool:
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in os.fspath(path)
+
+
+def _local_writable(directory: str) -> bool:
     try:
         os.makedirs(directory, exist_ok=True)
         mode = os.stat(directory).st_mode
@@ -138,6 +175,52 @@ def _writable(directory: str) -> bool:
         return False
     # A directory without any write bit is meant read-only even where root could write to it.
     return os.access(directory, os.W_OK) and bool(mode & 0o222)
+
+
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write(path: epath.Path, payload: bytes) -> None:
+    """Writes ``payload`` so that concurrent readers never see a partial file."""
+    if not _is_local(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(payload)  # object stores (gs://) publish an object only once it is complete
+        return
+    os.makedirs(path.parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared file from other users
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(path.read_bytes())) as data:
+        return {k: data[k] for k in data.files}
+
+
+def save_normalizer(normalizer: Normalizer, path: str | os.PathLike) -> None:
+    """Writes ``normalizer`` (method, settings, fitted statistics) to an ``.npz`` file, local or ``gs://``."""
+    arrays = {f"stats/{k}": np.asarray(v) for k, v in normalizer.stats.items()}
+    arrays.update(method=np.array(normalizer.method), gcn_scale=np.array(normalizer.gcn_scale, np.float64))
+    _write(epath.Path(path), _npz_bytes(arrays))
+
+
+def load_normalizer(path: str | os.PathLike) -> Normalizer:
+    """Reads a normaliser written by `save_normalizer`."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no normaliser file {path}")
+    arrays = _read_npz(path)
+    stats = {k[len("stats/") :]: v for k, v in arrays.items() if k.startswith("stats/")}
+    return Normalizer(str(arrays["method"]), stats, float(arrays["gcn_scale"]))
 
 
 def _fit(method: str, images: np.ndarray, zca_filter_bias: float, gcn_scale: float) -> dict[str, np.ndarray]:
@@ -163,37 +246,30 @@ def fitted_normalizer(
       method: one of ``PREPROCESS_CHOICES``.
       fit_images: returns the uint8 training images to fit on; only called on a cache miss.
       cache_key: identifies the fit (dataset, split, image shape, data location); settings are added here.
-      cache_dirs: candidate directories in order of preference (``None`` entries are skipped). The file is
-        looked up in all of them and written to the first writable one.
+      cache_dirs: candidate directories (local or ``gs://``) in order of preference (``None`` entries are
+        skipped). The file is looked up in all of them and written to the first writable one.
     """
     if method not in PREPROCESS_CHOICES:
-        raise ValueError(f"config.preprocess={method!r} is not one of {PREPROCESS_CHOICES}")
+        raise ConfigError(f"config.preprocess={method!r} is unknown; choose one of {PREPROCESS_CHOICES}")
     if method not in FITTED:
         return Normalizer(method, gcn_scale=gcn_scale)
     key = dict(cache_key)
     if method == "gcn_zca":
         key.update(zca_filter_bias=float(zca_filter_bias), gcn_scale=float(gcn_scale))
     name = cache_file_name(method, key)
-    dirs = [os.path.expanduser(d) for d in cache_dirs if d]
+    dirs = [os.path.expanduser(d) if _is_local(d) else d for d in cache_dirs if d]
     for directory in dirs:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            with np.load(path) as data:
-                return Normalizer(method, {k: data[k] for k in data.files}, gcn_scale)
+        path = epath.Path(directory) / name
+        if path.exists():
+            return Normalizer(method, _read_npz(path), gcn_scale)
     stats = _fit(method, fit_images(), zca_filter_bias, gcn_scale)
+    payload = _npz_bytes(stats)
     for directory in dirs:
-        if not _writable(directory):
+        if _is_local(directory) and not _local_writable(directory):
             continue
-        # Atomic write: concurrent processes fitting the same statistics never see a partial file.
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=directory)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **stats)
-            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-            os.replace(tmp, os.path.join(directory, name))
+            _write(epath.Path(directory) / name, payload)
             break
-        except OSError:  # e.g. a full disk: try the next directory
-            if tmp and os.path.exists(tmp):
-                os.remove(tmp)
+        except Exception:  # pylint: disable=broad-except  # e.g. a full disk or a read-only bucket: try the next
+            continue
     return Normalizer(method, stats, gcn_scale)

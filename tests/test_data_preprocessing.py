@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import signal
 
-from nin_jax import preprocessing
+from nin_jax.config import ConfigError
+from nin_jax.data import preprocessing
 
 
 def _random_images(n=400, shape=(4, 4, 3), seed=0):
@@ -114,5 +115,19 @@ def test_lecun_lcn_matches_pylearn2():
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="config.preprocess='pca'.*standardize"):
+    with pytest.raises(ConfigError, match="config.preprocess='pca'.*standardize"):
         preprocessing.fitted_normalizer("pca", _random_images, cache_key={}, cache_dirs=[])
+
+
+def test_normalizer_file_round_trip(tmp_path):
+    images = _random_images()
+    fitted = preprocessing.fitted_normalizer("gcn_zca", lambda: images, cache_key={}, cache_dirs=[], gcn_scale=20.0)
+    path = tmp_path / "run" / "normalizer.npz"
+    preprocessing.save_normalizer(fitted, path)
+    loaded = preprocessing.load_normalizer(path)
+    assert (loaded.method, loaded.gcn_scale) == ("gcn_zca", 20.0)
+    np.testing.assert_array_equal(loaded(images), fitted(images))
+    assert loaded.fingerprint == fitted.fingerprint
+    assert preprocessing.Normalizer("gcn_zca", fitted.stats, 55.0).fingerprint != fitted.fingerprint
+    with pytest.raises(FileNotFoundError, match="no normaliser file"):
+        preprocessing.load_normalizer(tmp_path / "missing.npz")

@@ -1,4 +1,4 @@
-"""Input pipeline: sources, shapes, sharding, exactly-once evaluation, multi-process shards, resumption, errors.
+"""The data Pipeline: sources, shapes, sharding, exactly-once evaluation, multi-process shards, resumption, errors.
 
 Offline: TFDS datasets come from `tfds.testing.mock_data`, image folders are written by the tests.
 """
@@ -12,15 +12,16 @@ import pytest
 import tensorflow_datasets as tfds
 from data_helpers import data_sharding, make_config, write_image_folder
 
-from nin_jax import input_pipeline as ip
-from nin_jax import preprocessing
+from nin_jax import data
+from nin_jax.config import ConfigError
+from nin_jax.data import order, preprocessing, sources, transforms
 
 
 @pytest.fixture(autouse=True)
 def _fresh_caches():
-    ip.clear_caches()
+    data.clear_caches()
     yield
-    ip.clear_caches()
+    data.clear_caches()
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def _check_batch(batch, sharding, batch_size, image_shape, num_classes):
 
 
 def test_digits(tmp_path, sharding):
-    pipeline = ip.Pipeline(make_config(tmp_path, train_split="train[:1200]", eval_split="train[1200:]"), sharding)
-    assert pipeline.info == ip.DatasetInfo(10, (8, 8, 1), 1200, 300, tuple("0123456789"))
+    pipeline = data.Pipeline(make_config(tmp_path, train_split="train[:1200]", eval_split="train[1200:]"), sharding)
+    assert pipeline.info == data.DatasetInfo(10, (8, 8, 1), 1200, 300, tuple("0123456789"))
     assert pipeline.steps_per_epoch == 1200 // 64
     _check_batch(next(pipeline.train_batches()), sharding, 64, (8, 8, 1), 10)
     batch = next(pipeline.eval_batches(with_raw=True))
@@ -70,7 +71,7 @@ def test_tfds_small_datasets(tmp_path, sharding, dataset, shape, num_classes, pr
         augment__translate=2, augment__flip=True,
     )
     with tfds.testing.mock_data(num_examples=56, policy=tfds.testing.MockPolicy.USE_CODE):
-        pipeline = ip.Pipeline(config, sharding)
+        pipeline = data.Pipeline(config, sharding)
         assert pipeline.info.image_shape == shape and pipeline.info.num_classes == num_classes
         assert (pipeline.info.num_train_examples, pipeline.info.num_eval_examples) == (48, 56)
         _check_batch(next(pipeline.train_batches()), sharding, 16, shape, num_classes)
@@ -87,12 +88,12 @@ def test_tfrecord_dataset_is_read_once_into_memory(tmp_path, sharding, monkeypat
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
     config = make_config(tmp_path, dataset="cifar10", data_dir=str(tmp_path / "tfds"), batch_size=8, eval_batch_size=8)
     with tfds.testing.mock_data(num_examples=12):  # the default policy serves tfds.load through tf.data
-        pipeline = ip.Pipeline(config, sharding)
+        pipeline = data.Pipeline(config, sharding)
         assert (pipeline.info.num_train_examples, pipeline.info.num_eval_examples) == (12, 12)
         _check_batch(next(pipeline.train_batches()), sharding, 8, (32, 32, 3), 10)
     config.dataset = "imagenet2012"
-    with pytest.raises(ValueError, match="needs random access.*--file_format=array_record"):
-        ip.Pipeline(config, sharding)
+    with pytest.raises(ConfigError, match="needs random access.*--file_format=array_record"):
+        data.Pipeline(config, sharding)
 
 
 def test_imagenet_random_sizes(tmp_path, sharding):
@@ -102,7 +103,7 @@ def test_imagenet_random_sizes(tmp_path, sharding):
         augment__eval_resize=28,
     )
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        pipeline = ip.Pipeline(config, sharding)
+        pipeline = data.Pipeline(config, sharding)
         assert pipeline.info.image_shape == (24, 24, 3) and pipeline.info.num_classes == 1000
         _check_batch(next(pipeline.train_batches()), sharding, 8, (24, 24, 3), 1000)
         batches = list(pipeline.eval_batches(with_raw=True))
@@ -116,8 +117,8 @@ def test_image_folder_splits_and_slices(tmp_path, sharding):
         tmp_path, dataset="image_folder", data_dir=root, train_split="train[:75%]", eval_split="train[75%:]",
         batch_size=16, eval_batch_size=16,
     )
-    pipeline = ip.Pipeline(config, sharding)
-    assert pipeline.info == ip.DatasetInfo(3, (8, 8, 3), 45, 15, ("ant", "bee", "cat"))
+    pipeline = data.Pipeline(config, sharding)
+    assert pipeline.info == data.DatasetInfo(3, (8, 8, 3), 45, 15, ("ant", "bee", "cat"))
     _check_batch(next(pipeline.train_batches()), sharding, 16, (8, 8, 3), 3)
     # ImageFolder's deterministic shuffle makes a slice class-mixed.
     eval_labels = np.concatenate([np.asarray(b["label"])[np.asarray(b["mask"]) > 0] for b in pipeline.eval_batches()])
@@ -131,7 +132,7 @@ def test_image_folder_large_images(tmp_path, sharding):
         tmp_path, dataset="image_folder", data_dir=root, eval_split="val", image_size=16, batch_size=8,
         eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
     )
-    pipeline = ip.Pipeline(config, sharding)
+    pipeline = data.Pipeline(config, sharding)
     assert pipeline.info.image_shape == (16, 16, 3)
     _check_batch(next(pipeline.train_batches()), sharding, 8, (16, 16, 3), 3)
     assert sum(float(b["mask"].sum()) for b in pipeline.eval_batches()) == 6
@@ -142,8 +143,8 @@ def test_image_folder_large_images(tmp_path, sharding):
 
 
 def test_augmentation_changes_images_not_labels(tmp_path, sharding):
-    plain = ip.Pipeline(make_config(tmp_path, preprocess="scale"), sharding)
-    augmented = ip.Pipeline(make_config(tmp_path, preprocess="scale", augment__translate=2, augment__flip=True), sharding)
+    plain = data.Pipeline(make_config(tmp_path, preprocess="scale"), sharding)
+    augmented = data.Pipeline(make_config(tmp_path, preprocess="scale", augment__translate=2, augment__flip=True), sharding)
     for a, b in zip(_take(plain.train_batches(), 3), _take(augmented.train_batches(), 3)):
         np.testing.assert_array_equal(a["label"], b["label"])
         assert not np.allclose(a["image"], b["image"])
@@ -151,17 +152,17 @@ def test_augmentation_changes_images_not_labels(tmp_path, sharding):
 
 def test_translate_and_flip_semantics():
     images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1) + 1
-    centred = ip.translate_and_flip(images, np.array([1, 1]), np.array([1, 1]), np.array([False, True]), pad=1)
+    centred = transforms.translate_and_flip(images, np.array([1, 1]), np.array([1, 1]), np.array([False, True]), pad=1)
     np.testing.assert_array_equal(centred[0], images[0])
     np.testing.assert_array_equal(centred[1], images[1, :, ::-1])
-    shifted = ip.translate_and_flip(images, np.array([0, 2]), np.array([0, 2]), np.array([False, False]), pad=1)
+    shifted = transforms.translate_and_flip(images, np.array([0, 2]), np.array([0, 2]), np.array([False, False]), pad=1)
     np.testing.assert_array_equal(shifted[0, 1:, 1:], images[0, :-1, :-1])  # content moves down-right
     assert np.all(shifted[0, 0] == 0) and np.all(shifted[0, :, 0] == 0)  # zero padding comes in
     np.testing.assert_array_equal(shifted[1, :-1, :-1], images[1, 1:, 1:])
 
 
 def test_eval_counts_every_example_once(tmp_path, sharding):
-    pipeline = ip.Pipeline(make_config(tmp_path, eval_batch_size=40), sharding)  # 297 = 7 * 40 + 17
+    pipeline = data.Pipeline(make_config(tmp_path, eval_batch_size=40), sharding)  # 297 = 7 * 40 + 17
     batches = [jax.tree.map(np.asarray, b) for b in pipeline.eval_batches(with_raw=True)]
     assert len(batches) == 8 and all(b["image"].shape[0] == 40 for b in batches)
     masks = np.concatenate([b["mask"] for b in batches])
@@ -172,7 +173,7 @@ def test_eval_counts_every_example_once(tmp_path, sharding):
         for img, label, m in zip(b["raw"], b["label"], b["mask"])
         if m
     )
-    expected = ip._Digits(make_config(tmp_path)).load("test")  # pylint: disable=protected-access
+    expected = sources.Digits(make_config(tmp_path), data.Cache()).arrays("test")
     assert seen == collections.Counter(
         (img.tobytes(), int(label)) for img, label in zip(expected.images, expected.labels)
     )
@@ -182,20 +183,20 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     n, batch, seed = 103, 12, 7
     steps = n // batch
     for step in range(steps):
-        shards = [ip.train_indices(n, batch, step, seed, process_index=p, process_count=2) for p in range(2)]
+        shards = [order.train_indices(n, batch, step, seed, process_index=p, process_count=2) for p in range(2)]
         assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])
         # The global batch does not depend on the number of processes.
-        np.testing.assert_array_equal(np.concatenate(shards), ip.train_indices(n, batch, step, seed))
+        np.testing.assert_array_equal(np.concatenate(shards), order.train_indices(n, batch, step, seed))
     epoch = np.concatenate(
-        [ip.train_indices(n, batch, s, seed, process_index=p, process_count=2) for s in range(steps) for p in range(2)]
+        [order.train_indices(n, batch, s, seed, process_index=p, process_count=2) for s in range(steps) for p in range(2)]
     )
     assert len(set(epoch.tolist())) == steps * batch  # no duplicates in an epoch; only the remainder is dropped
-    next_epoch = ip.train_indices(n, batch, steps, seed)
-    assert not np.array_equal(next_epoch, ip.train_indices(n, batch, 0, seed))  # reshuffled
+    next_epoch = order.train_indices(n, batch, steps, seed)
+    assert not np.array_equal(next_epoch, order.train_indices(n, batch, 0, seed))  # reshuffled
     counts = collections.Counter()
-    for b in range(ip.num_eval_batches(n, batch)):
+    for b in range(order.num_eval_batches(n, batch)):
         for p in range(2):
-            indices, mask = ip.eval_indices(n, batch, b, process_index=p, process_count=2)
+            indices, mask = order.eval_indices(n, batch, b, process_index=p, process_count=2)
             counts.update(indices[mask > 0].tolist())
     assert counts == collections.Counter(range(n))
 
@@ -210,10 +211,10 @@ def test_resume_continues_the_same_order(tmp_path, sharding, large_images):
         )
     else:
         config = make_config(tmp_path, augment__translate=2, augment__flip=True)
-    pipeline = ip.Pipeline(config, sharding)
+    pipeline = data.Pipeline(config, sharding)
     k = pipeline.steps_per_epoch - 1  # the resumed run crosses an epoch boundary
     uninterrupted = _take(pipeline.train_batches(0), k + 3)[k:]
-    resumed = _take(ip.Pipeline(config, sharding).train_batches(start_step=k), 3)
+    resumed = _take(data.Pipeline(config, sharding).train_batches(start_step=k), 3)
     for a, b in zip(uninterrupted, resumed):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -222,8 +223,8 @@ def test_resume_continues_the_same_order(tmp_path, sharding, large_images):
 
 
 def test_seed_changes_order(tmp_path, sharding):
-    a = next(ip.Pipeline(make_config(tmp_path, seed=0), sharding).train_batches())
-    b = next(ip.Pipeline(make_config(tmp_path, seed=1), sharding).train_batches())
+    a = next(data.Pipeline(make_config(tmp_path, seed=0), sharding).train_batches())
+    b = next(data.Pipeline(make_config(tmp_path, seed=1), sharding).train_batches())
     assert not np.array_equal(np.asarray(a["label"]), np.asarray(b["label"]))
 
 
@@ -232,12 +233,12 @@ def test_zca_fitted_on_train_split_only_and_cached(tmp_path, sharding, monkeypat
     real_fit = preprocessing.fit_zca
     monkeypatch.setattr(preprocessing, "fit_zca", lambda x, *a, **k: fitted_rows.append(len(x)) or real_fit(x, *a, **k))
     config = make_config(tmp_path, preprocess="gcn_zca", train_split="train[:1000]", eval_split="test")
-    first = ip.Pipeline(config, sharding)
+    first = data.Pipeline(config, sharding)
     assert fitted_rows == [1000]
     assert len(os.listdir(config.cache_dir)) == 1
-    ip.clear_caches()  # a new process: must load the file, not refit
+    data.clear_caches()  # a new process: must load the file, not refit
     config.eval_split = "train[1000:]"  # another eval split does not change the fit
-    second = ip.Pipeline(config, sharding)
+    second = data.Pipeline(config, sharding)
     assert fitted_rows == [1000]
     np.testing.assert_array_equal(
         np.asarray(next(first.train_batches())["image"]), np.asarray(next(second.train_batches())["image"])
@@ -249,34 +250,34 @@ def test_zca_fitted_on_train_split_only_and_cached(tmp_path, sharding, monkeypat
 
 
 def test_unknown_dataset_lists_choices(tmp_path, sharding):
-    with pytest.raises(ValueError, match="config.dataset='cifar11'.*digits.*cifar10.*imagenet2012.*image_folder"):
-        ip.Pipeline(make_config(tmp_path, dataset="cifar11"), sharding)
+    with pytest.raises(ConfigError, match="config.dataset='cifar11'.*digits.*cifar10.*imagenet2012.*image_folder"):
+        data.Pipeline(make_config(tmp_path, dataset="cifar11"), sharding)
 
 
 def test_tfds_dataset_not_prepared(tmp_path, sharding):
     empty = tmp_path / "empty_tfds"
     empty.mkdir()
     config = make_config(tmp_path, dataset="cifar10", data_dir=str(empty))
-    with pytest.raises(ValueError, match=r"(?s)not prepared.*tfds build cifar10.*image_folder.*digits"):
-        ip.Pipeline(config, sharding)
+    with pytest.raises(ConfigError, match=r"(?s)not prepared.*tfds build cifar10.*image_folder.*digits"):
+        data.Pipeline(config, sharding)
     assert os.listdir(empty) == []  # nothing was downloaded
 
 
 def test_empty_folder(tmp_path, sharding):
     (tmp_path / "root").mkdir()
     config = make_config(tmp_path, dataset="image_folder", data_dir=str(tmp_path / "root"))
-    with pytest.raises(ValueError, match="no split folders"):
-        ip.Pipeline(config, sharding)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        ip.Pipeline(make_config(tmp_path, dataset="image_folder", data_dir=str(tmp_path / "missing")), sharding)
+    with pytest.raises(ConfigError, match="no split folders"):
+        data.Pipeline(config, sharding)
+    with pytest.raises(ConfigError, match="does not exist"):
+        data.Pipeline(make_config(tmp_path, dataset="image_folder", data_dir=str(tmp_path / "missing")), sharding)
 
 
 def test_class_folder_without_images(tmp_path, sharding):
     root = write_image_folder(tmp_path / "folder", {"train": 3})
     os.makedirs(os.path.join(root, "train", "dog"))
     config = make_config(tmp_path, dataset="image_folder", data_dir=root, eval_split="train")
-    with pytest.raises(ValueError, match=r"class folder .*train/dog holds no"):
-        ip.Pipeline(config, sharding)
+    with pytest.raises(ConfigError, match=r"class folder .*train/dog holds no"):
+        data.Pipeline(config, sharding)
 
 
 def test_corrupt_image_is_named(tmp_path, sharding):
@@ -285,8 +286,8 @@ def test_corrupt_image_is_named(tmp_path, sharding):
     with open(bad, "wb") as f:
         f.write(b"not an image")
     config = make_config(tmp_path, dataset="image_folder", data_dir=root, eval_split="train", batch_size=8)
-    with pytest.raises(ValueError, match=f"cannot decode image {bad}"):
-        ip.Pipeline(config, sharding)
+    with pytest.raises(ConfigError, match=f"cannot decode image {bad}"):
+        data.Pipeline(config, sharding)
 
 
 def test_corrupt_image_in_background_decode_is_named(tmp_path, sharding):
@@ -298,24 +299,88 @@ def test_corrupt_image_in_background_decode_is_named(tmp_path, sharding):
         tmp_path, dataset="image_folder", data_dir=root, eval_split="train", image_size=8, batch_size=8,
         eval_batch_size=16, preprocess="scale", augment__random_resized_crop=True,
     )
-    with pytest.raises(ValueError, match=f"cannot decode image {bad}"):
-        list(ip.Pipeline(config, sharding).eval_batches())  # raised in the decode thread, re-raised here
+    with pytest.raises(ConfigError, match=f"cannot decode image {bad}"):
+        list(data.Pipeline(config, sharding).eval_batches())  # raised in the decode thread, re-raised here
 
 
 def test_batch_not_divisible(tmp_path, sharding, monkeypatch):
-    with pytest.raises(ValueError, match=r"config.batch_size=12 .*processes \(1\).*data axis \(8\)"):
-        ip.Pipeline(make_config(tmp_path, batch_size=12), sharding)
-    with pytest.raises(ValueError, match=r"config.eval_batch_size=20 "):
-        ip.Pipeline(make_config(tmp_path, eval_batch_size=20), sharding)
+    with pytest.raises(ConfigError, match=r"config.batch_size=12 .*processes \(1\).*data axis \(8\)"):
+        data.Pipeline(make_config(tmp_path, batch_size=12), sharding)
+    with pytest.raises(ConfigError, match=r"config.eval_batch_size=20 "):
+        data.Pipeline(make_config(tmp_path, eval_batch_size=20), sharding)
     monkeypatch.setattr(jax, "process_count", lambda: 3)
-    with pytest.raises(ValueError, match=r"config.batch_size=64 .*processes \(3\)"):
-        ip.Pipeline(make_config(tmp_path), sharding)
-    with pytest.raises(ValueError, match="not divisible by the process count"):
-        ip.process_rows(10, 0, 3)
+    with pytest.raises(ConfigError, match=r"config.batch_size=64 .*processes \(3\)"):
+        data.Pipeline(make_config(tmp_path), sharding)
 
 
 def test_bad_split_string(tmp_path, sharding):
-    with pytest.raises(ValueError, match=r"config.eval_split='validation'.*'train': 1500"):
-        ip.Pipeline(make_config(tmp_path, eval_split="validation"), sharding)
-    with pytest.raises(ValueError, match=r"config.batch_size=64 is larger than config.train_split='train\[:10\]'"):
-        ip.Pipeline(make_config(tmp_path, train_split="train[:10]"), sharding)
+    with pytest.raises(ConfigError, match=r"config.eval_split='validation'.*'train': 1500"):
+        data.Pipeline(make_config(tmp_path, eval_split="validation"), sharding)
+    with pytest.raises(ConfigError, match=r"config.batch_size=64 is larger than config.train_split='train\[:10\]'"):
+        data.Pipeline(make_config(tmp_path, train_split="train[:10]"), sharding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A given normaliser (a run's file), evaluation-only pipelines, the cache.
+
+
+def _eval_arrays(pipeline, split=None):
+    return [jax.tree.map(np.asarray, b) for b in pipeline.eval_batches(split, with_raw=True)]
+
+
+@pytest.mark.parametrize("preprocess", ["gcn_zca", "standardize"])
+def test_saved_normalizer_reproduces_batches(tmp_path, sharding, preprocess):
+    config = make_config(tmp_path, preprocess=preprocess, train_split="train[:1000]", augment__translate=1)
+    fitted = data.Pipeline(config, sharding)
+    path = tmp_path / "workdir" / "normalizer.npz"
+    data.save_normalizer(fitted.normalizer, path)
+    loaded = data.load_normalizer(str(path))
+    assert loaded.fingerprint == fitted.normalizer.fingerprint
+    data.clear_caches()
+    config.cache_dir = str(tmp_path / "other_cache")  # no fitted file to find: the given normaliser is used
+    given = data.Pipeline(config, sharding, normalizer=loaded)
+    assert not os.path.exists(config.cache_dir)
+    for a, b in zip(_take(fitted.train_batches(), 2), _take(given.train_batches(), 2)):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    eval_only = data.Pipeline(config, sharding, normalizer=loaded, train=False)
+    assert eval_only.info == data.DatasetInfo(10, (8, 8, 1), None, 297, tuple("0123456789"))
+    assert eval_only.steps_per_epoch is None
+    for a, b in zip(_eval_arrays(fitted), _eval_arrays(eval_only)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_eval_only_pipeline_never_opens_the_training_split(tmp_path, sharding):
+    root = write_image_folder(tmp_path / "folder", {"val": 3}, size=None)  # no train folder at all
+    config = make_config(
+        tmp_path, dataset="image_folder", data_dir=root, train_split="train", eval_split="val", image_size=8,
+        batch_size=8, eval_batch_size=8, augment__random_resized_crop=True,
+    )
+    normalizer = data.Normalizer("standardize", {"mean": np.full(3, 100, np.float32), "std": np.full(3, 50, np.float32)})
+    pipeline = data.Pipeline(config, sharding, normalizer=normalizer, train=False)
+    assert pipeline.info.image_shape == (8, 8, 3) and pipeline.info.num_eval_examples == 9
+    assert sum(float(b["mask"].sum()) for b in pipeline.eval_batches()) == 9
+    with pytest.raises(ValueError, match="train=False"):
+        pipeline.train_batches()
+    with pytest.raises(ValueError, match="needs `normalizer`"):
+        data.Pipeline(config, sharding, train=False)
+
+
+def test_normalizer_that_does_not_fit_the_config(tmp_path, sharding):
+    zca = data.Pipeline(make_config(tmp_path, preprocess="gcn_zca"), sharding).normalizer
+    with pytest.raises(ConfigError, match="fitted on inputs of 64 features.*shape \\(12, 12, 1\\)"):
+        data.Pipeline(make_config(tmp_path, preprocess="gcn_zca", image_size=12), sharding, normalizer=zca)
+    with pytest.raises(ConfigError, match="normaliser is 'gcn_zca' but config.preprocess='standardize'"):
+        data.Pipeline(make_config(tmp_path), sharding, normalizer=zca)
+
+
+def test_cache_is_keyed_by_content(tmp_path, sharding):
+    cache = data.Cache()
+    a = data.Pipeline(make_config(tmp_path), sharding, cache=cache)
+    b = data.Pipeline(make_config(tmp_path, eval_split="train[:100]"), sharding, cache=cache)
+    assert a._train.normalized is b._train.normalized  # pylint: disable=protected-access  # shared, not rebuilt
+    c = data.Pipeline(make_config(tmp_path, image_size=10), sharding, cache=cache)
+    assert c.info.image_shape == (10, 10, 1)
+    fresh = data.Pipeline(make_config(tmp_path), sharding, cache=data.Cache())
+    assert fresh._train.normalized is not a._train.normalized  # pylint: disable=protected-access
+    np.testing.assert_array_equal(fresh._train.normalized, a._train.normalized)  # pylint: disable=protected-access

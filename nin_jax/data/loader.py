@@ -1,0 +1,410 @@
+"""The Pipeline: a config's training and evaluation batches as global `jax.Array`s sharded over the data axis.
+
+Two paths read examples; both take their order from `order` and hand batches to `prefetch`:
+
+* In memory (digits, MNIST, CIFAR, SVHN, image folders of small images): every base split is decoded once,
+  normalised once and kept in the process `Cache`; a training batch gathers rows and translates + flips them.
+* Per example (ImageNet, image folders with ``augment.random_resized_crop``): each example is read and decoded
+  when its batch is built, cropped to ``image_size`` (random-resized crop + flip for training, resize + center
+  crop for evaluation) and normalised. Nothing is held in memory.
+
+Evaluation visits every example exactly once: the last batch is padded and its padding carries ``mask == 0``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from nin_jax.config import ConfigError
+from nin_jax.data import decode, order, prefetch, preprocessing, sources, transforms
+from nin_jax.data.cache import PROCESS_CACHE, Cache
+
+_DEFAULT_CACHE_DIR = "~/.cache/nin_jax"
+_DEFAULT_LARGE_IMAGE_SIZE = 224
+_STANDARDIZE_FIT_EXAMPLES = 2000  # decoded examples used to fit per-channel stats of a large-image dataset
+_NORMALIZE_CHUNK = 2048  # rows normalised per task when a whole split is normalised
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]  # model input H, W, C after preprocessing / cropping
+    num_train_examples: int | None  # None for a Pipeline built with train=False
+    num_eval_examples: int
+    class_names: tuple[str, ...]
+
+
+def uses_per_example(config: ml_collections.ConfigDict) -> bool:
+    """Whether ``config`` reads large images per example rather than holding the dataset in memory."""
+    return config.dataset == "imagenet2012" or (
+        config.dataset == "image_folder" and bool(config.augment.random_resized_crop)
+    )
+
+
+def _data_shards(sharding: jax.sharding.NamedSharding) -> int:
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    if axes is None:
+        return 1
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def check_batch_layout(sharding: jax.sharding.NamedSharding, batch: int, field: str) -> None:
+    """Raises ConfigError unless a global batch of ``batch`` splits over processes and data-axis devices as
+    `order.process_rows` assumes: equal rows per process, each process's rows on its own devices."""
+    process_index, process_count = jax.process_index(), jax.process_count()
+    shards = _data_shards(sharding)
+    if batch <= 0 or batch % process_count or batch % shards:
+        raise ConfigError(
+            f"{field}={batch} must be a positive multiple of the number of processes "
+            f"({process_count}) and of the number of devices on the data axis ({shards})"
+        )
+    local = sharding.addressable_devices_indices_map((batch,))
+    start = min(idx[0].start or 0 for idx in local.values())
+    stop = max(batch if idx[0].stop is None else idx[0].stop for idx in local.values())
+    expected = order.process_rows(batch, process_index, process_count)
+    if (start, stop) != (expected.start, expected.stop):
+        raise ValueError(
+            f"the sharding gives process {process_index} rows [{start}, {stop}) of a batch of {batch}, "
+            f"expected [{expected.start}, {expected.stop}); build the mesh with jax.make_mesh so that each "
+            "process's devices are contiguous along the data axis"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# In-memory path.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ArraySplit:
+    bases: tuple[sources.Arrays, ...]
+    raw: np.ndarray  # uint8 [M, H, W, C]: the bases concatenated
+    labels: np.ndarray  # int32 [M]
+    index: np.ndarray  # [N] rows of the split in the arrays
+    normalized: np.ndarray | None = None  # float32 [M, H, W, C] once normalised
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class _InMemory:
+    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, cache: Cache, pool_map: Callable):
+        self._config, self._source, self._cache, self._map = config, source, cache, pool_map
+        self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
+
+    def open(self, split: str, field: str) -> _ArraySplit:
+        selection = sources.select(self._source, split, field)
+        bases = tuple(self._source.arrays(b) for b in selection.bases)
+        if len({b.images.shape[1:] for b in bases}) > 1:
+            raise ConfigError(f"{field}={split!r} combines splits with different image shapes; set config.image_size")
+        if len(bases) == 1:
+            raw, labels = bases[0].images, bases[0].labels
+        else:
+            raw, labels = np.concatenate([b.images for b in bases]), np.concatenate([b.labels for b in bases])
+        if self.image_shape is None:
+            self.image_shape = tuple(int(d) for d in raw.shape[1:])
+        return _ArraySplit(bases, raw, labels, selection.index)
+
+    def fit_images(self, split: _ArraySplit) -> np.ndarray:
+        return split.raw[split.index]
+
+    def normalize(self, split: _ArraySplit, normalizer: preprocessing.Normalizer) -> _ArraySplit:
+        normalized = [self._normalized(base, normalizer) for base in split.bases]
+        return dataclasses.replace(split, normalized=normalized[0] if len(normalized) == 1 else np.concatenate(normalized))
+
+    def _normalized(self, base: sources.Arrays, normalizer: preprocessing.Normalizer) -> np.ndarray:
+        """float32 model inputs of a whole base split, computed once per process and normaliser."""
+
+        def build() -> np.ndarray:
+            starts = range(0, len(base.images), _NORMALIZE_CHUNK)
+            return np.concatenate(self._map(lambda s: normalizer(base.images[s : s + _NORMALIZE_CHUNK]), starts))
+
+        return self._cache.get(("normalized", base.key, normalizer.fingerprint), build)
+
+    def train_examples(self, split: _ArraySplit, indices: np.ndarray, step: int, rows: slice) -> dict[str, np.ndarray]:
+        config = self._config
+        positions = split.index[indices]
+        images = split.normalized[positions]
+        translate, flip = config.augment.translate, config.augment.flip
+        if translate or flip:
+            offset_y, offset_x, flips = order.augment_params(config.seed, step, config.batch_size, translate, flip)
+            images = transforms.translate_and_flip(images, offset_y[rows], offset_x[rows], flips[rows], translate)
+        return {"image": images, "label": split.labels[positions]}
+
+    def eval_examples(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
+        positions = split.index[indices]
+        out = {"image": split.normalized[positions], "label": split.labels[positions]}
+        if with_raw:
+            out["raw"] = split.raw[positions]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-example path.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleSplit:
+    examples: tuple[sources.Examples, ...]
+    offsets: np.ndarray  # start of each base in their concatenation
+    index: np.ndarray  # [N] positions of the split in that concatenation
+    normalizer: preprocessing.Normalizer | None = None  # applied to each decoded batch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def read(self, j: int) -> tuple[bytes | str, int, str]:
+        position = int(self.index[j])
+        s = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return self.examples[s].read(position - int(self.offsets[s]))
+
+
+class _PerExample:
+    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, pool_map: Callable):
+        if config.preprocess not in ("scale", "standardize"):
+            raise ConfigError(
+                f"config.preprocess={config.preprocess!r} needs the whole dataset in memory; use 'standardize' or "
+                f"'scale' for {config.dataset} with per-example decoding"
+            )
+        self._config, self._source, self._map = config, source, pool_map
+        self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
+        self._channels = 3 if config.dataset == "imagenet2012" else None
+        self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
+
+    def open(self, split: str, field: str) -> _ExampleSplit:
+        selection = sources.select(self._source, split, field)
+        opened = _ExampleSplit(tuple(self._source.examples(b) for b in selection.bases), selection.offsets,
+                               selection.index)
+        if self.image_shape is None:
+            if self._channels is None:
+                encoded, _, name = opened.read(0)
+                self._channels = decode.channels_of(encoded, name)
+            self.image_shape = (self._size, self._size, self._channels)
+        return opened
+
+    def fit_images(self, split: _ExampleSplit) -> np.ndarray:
+        # Statistics of center crops of evenly spaced training examples.
+        picks = np.linspace(0, len(split) - 1, min(len(split), _STANDARDIZE_FIT_EXAMPLES)).astype(int)
+        return np.stack([image for image, _ in self._map(lambda j: self._decode_eval(split, j), list(picks))])
+
+    def normalize(self, split: _ExampleSplit, normalizer: preprocessing.Normalizer) -> _ExampleSplit:
+        return dataclasses.replace(split, normalizer=normalizer)
+
+    def train_examples(self, split: _ExampleSplit, indices: np.ndarray, step: int, rows: slice) -> dict[str, np.ndarray]:
+        seeds = order.example_seeds(self._config.seed, step, self._config.batch_size)[rows]
+        decoded = self._map(lambda args: self._decode_train(split, *args), list(zip(indices, seeds)))
+        images = split.normalizer(np.stack([image for image, _ in decoded]))
+        return {"image": images, "label": np.array([label for _, label in decoded], np.int32)}
+
+    def eval_examples(self, split: _ExampleSplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
+        decoded = self._map(lambda j: self._decode_eval(split, j), list(indices))
+        raw = np.stack([image for image, _ in decoded])
+        out = {"image": split.normalizer(raw), "label": np.array([label for _, label in decoded], np.int32)}
+        if with_raw:
+            out["raw"] = raw
+        return out
+
+    def _decode_train(self, split: _ExampleSplit, j: int, seed: int) -> tuple[np.ndarray, int]:
+        encoded, label, name = split.read(j)
+        image = decode.decode_crop(
+            encoded, name, self._size, self._channels, rng=np.random.default_rng(seed),
+            flip=self._config.augment.flip, eval_resize=self._config.augment.eval_resize,
+        )
+        return image, label
+
+    def _decode_eval(self, split: _ExampleSplit, j: int) -> tuple[np.ndarray, int]:
+        encoded, label, name = split.read(j)
+        image = decode.decode_crop(
+            encoded, name, self._size, self._channels, rng=None, flip=False, eval_resize=self._config.augment.eval_resize
+        )
+        return image, label
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Pipeline:
+    """Training and evaluation batches for ``config`` as global arrays with ``sharding`` (P('data')).
+
+    Args:
+      config: a training configuration (dataset, splits, preprocess, augment, batch sizes, seed).
+      sharding: the batch sharding; its data axis must hold each process's devices contiguously.
+      normalizer: use this normaliser (e.g. `load_normalizer` of a run's file) instead of fitting or loading
+        one for ``config.train_split``; it must match ``config.preprocess`` and the image shape.
+      train: False builds an evaluation-only pipeline that never opens ``config.train_split``: it needs
+        ``normalizer`` when ``config.preprocess`` is fitted; ``steps_per_epoch`` and ``num_train_examples`` are
+        None and ``train_batches`` is unavailable.
+      cache: where decoded and normalised splits are kept (default: shared by every Pipeline of the process).
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        sharding: jax.sharding.NamedSharding,
+        *,
+        normalizer: preprocessing.Normalizer | None = None,
+        train: bool = True,
+        cache: Cache | None = None,
+    ):
+        if config.preprocess not in preprocessing.PREPROCESS_CHOICES:
+            raise ConfigError(
+                f"config.preprocess={config.preprocess!r} is unknown; choose one of {preprocessing.PREPROCESS_CHOICES}"
+            )
+        if not isinstance(config.seed, int) or config.seed < 0:
+            raise ConfigError(f"config.seed={config.seed!r} must be a non-negative integer")
+        if normalizer is not None and normalizer.method != config.preprocess:
+            raise ConfigError(
+                f"the given normaliser is {normalizer.method!r} but config.preprocess={config.preprocess!r}; "
+                "use the config the normaliser was fitted with"
+            )
+        if not train and normalizer is None and config.preprocess in preprocessing.FITTED:
+            raise ValueError(f"Pipeline(train=False) with config.preprocess={config.preprocess!r} needs `normalizer`")
+        self._config = config
+        self._sharding = sharding
+        self._cache = PROCESS_CACHE if cache is None else cache
+        self._process_index, self._process_count = jax.process_index(), jax.process_count()
+        for field in ("batch_size", "eval_batch_size") if train else ("eval_batch_size",):
+            check_batch_layout(sharding, config[field], f"config.{field}")
+        per_example = uses_per_example(config)
+        source = sources.open_source(config, self._cache, encoded=per_example)
+        if config.augment.random_resized_crop and not per_example:
+            raise ConfigError(
+                "config.augment.random_resized_crop is for large-image datasets (imagenet2012, image_folder); "
+                f"use augment.translate / augment.flip for {config.dataset}"
+            )
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._path = _PerExample(config, source, self._map) if per_example else _InMemory(config, source, self._cache, self._map)
+
+        # Seconds spent in each setup stage (zero when served from the process cache), for the input benchmark.
+        self.setup_seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        # Without training, the eval split gives the image shape.
+        split, field = (config.train_split, "config.train_split") if train else (config.eval_split, "config.eval_split")
+        first = self._path.open(split, field)
+        image_shape = self._path.image_shape
+        self.setup_seconds["load"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if normalizer is None:
+            normalizer = self._fit_normalizer(first) if train else preprocessing.Normalizer(
+                config.preprocess, gcn_scale=config.gcn_scale)
+        else:
+            normalizer.check_input(image_shape, "the given normaliser")
+        self.normalizer = normalizer
+        self.setup_seconds["fit"] = time.perf_counter() - start
+        start = time.perf_counter()
+        first = self._path.normalize(first, normalizer)
+        self.setup_seconds["normalize"] = time.perf_counter() - start
+        self._train = first if train else None
+        self.steps_per_epoch: int | None = None
+        if train:
+            self.steps_per_epoch = len(first) // config.batch_size
+            if self.steps_per_epoch == 0:
+                raise ConfigError(
+                    f"config.batch_size={config.batch_size} is larger than config.train_split={config.train_split!r} "
+                    f"({len(first)} examples)"
+                )
+        start = time.perf_counter()
+        num_eval = len(self._open_eval(config.eval_split)) if train else len(first)
+        self.setup_seconds["eval_split"] = time.perf_counter() - start
+        self.info = DatasetInfo(
+            num_classes=len(source.class_names),
+            image_shape=image_shape,
+            num_train_examples=len(first) if train else None,
+            num_eval_examples=num_eval,
+            class_names=tuple(source.class_names),
+        )
+
+    # ---- public API
+
+    def train_batches(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
+        """Infinite training batches from ``start_step`` on: {'image': f32 [B, H, W, C], 'label': i32 [B]}."""
+        train = self._require_train()
+        if start_step < 0:
+            raise ValueError(f"start_step={start_step} must be >= 0")
+        config = self._config
+        rows = order.process_rows(config.batch_size, self._process_index, self._process_count)
+
+        def host_batches() -> Iterator[dict[str, np.ndarray]]:
+            step = start_step
+            while True:
+                indices = order.train_indices(
+                    len(train), config.batch_size, step, config.seed,
+                    process_index=self._process_index, process_count=self._process_count,
+                )
+                yield self._path.train_examples(train, indices, step, rows)
+                step += 1
+
+        return prefetch.prefetch(host_batches(), self._sharding, config.batch_size)
+
+    def eval_batches(self, split: str | None = None, *, with_raw: bool = False) -> Iterator[dict[str, jax.Array]]:
+        """One pass over ``split`` (default config.eval_split), every example exactly once.
+
+        Yields {'image', 'label', 'mask'} (+ 'raw' uint8 images if ``with_raw``); the last batch is padded
+        with mask 0.
+        """
+        opened = self._open_eval(split or self._config.eval_split)
+        batch = self._config.eval_batch_size
+
+        def host_batches() -> Iterator[dict[str, np.ndarray]]:
+            for b in range(order.num_eval_batches(len(opened), batch)):
+                indices, mask = order.eval_indices(
+                    len(opened), batch, b, process_index=self._process_index, process_count=self._process_count
+                )
+                yield {**self._path.eval_examples(opened, indices, with_raw), "mask": mask}
+
+        return prefetch.prefetch(host_batches(), self._sharding, batch)
+
+    def data_position(self, step: int) -> dict[str, int]:
+        """Where training ``step`` reads: {'epoch': e, 'index_in_epoch': first example's position in the epoch}."""
+        self._require_train()
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return {"epoch": epoch, "index_in_epoch": k * self._config.batch_size}
+
+    # ---- helpers
+
+    def _require_train(self) -> Any:
+        if self._train is None:
+            raise ValueError("this Pipeline was built with train=False and has no training split")
+        return self._train
+
+    def _open_eval(self, split: str) -> Any:
+        return self._path.normalize(self._path.open(split, "config.eval_split"), self.normalizer)
+
+    def _fit_normalizer(self, train: Any) -> preprocessing.Normalizer:
+        config = self._config
+        fit_key = {
+            "dataset": config.dataset,
+            "split": config.train_split,
+            "num_examples": len(train),
+            "image_shape": list(self._path.image_shape),
+            "data_dir": sources.location(config.data_dir),
+        }
+        memo_key = ("normalizer", config.preprocess, json.dumps(fit_key, sort_keys=True),
+                    config.zca_filter_bias, config.gcn_scale)
+        return self._cache.get(
+            memo_key,
+            lambda: preprocessing.fitted_normalizer(
+                config.preprocess,
+                lambda: self._path.fit_images(train),
+                cache_key=fit_key,
+                cache_dirs=[config.data_dir, config.cache_dir or _DEFAULT_CACHE_DIR],
+                zca_filter_bias=config.zca_filter_bias,
+                gcn_scale=config.gcn_scale,
+            ),
+        )
+
+    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        return list(self._pool.map(fn, items))
