@@ -19,6 +19,7 @@ pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_cli_writes_json_with_all_keys(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time dominates a tiny model

@@ -15,7 +15,7 @@ from nin_jax import mesh
 from nin_jax.config import ConfigError
 import helpers_reliability as h
 
-pytestmark = pytest.mark.cpu  # processes of CPU host devices
+pytestmark = [pytest.mark.cpu, pytest.mark.slow]  # processes of CPU host devices: ~1 min of setup
 
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_STEPS = 8

@@ -26,7 +26,7 @@ import pytest
 from nin_jax import checkpointing, train
 import helpers_reliability as h
 
-pytestmark = pytest.mark.cpu  # processes of CPU host devices
+pytestmark = [pytest.mark.cpu, pytest.mark.slow]  # processes of CPU host devices: ~1 min of setup
 
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2

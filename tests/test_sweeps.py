@@ -67,6 +67,7 @@ def digits_sweep():
     return pathlib.Path(root), argv
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_point_in_its_workdir(digits_sweep):
     root, _ = digits_sweep
     for point, head in [("fc", "fc"), ("gap", "gap")]:
@@ -79,6 +80,7 @@ def test_sweep_runs_each_point_in_its_workdir(digits_sweep):
     assert sorted(p.name for p in (root / "gap_vs_fc").iterdir()) == ["fc", "gap"]
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_points(digits_sweep):
     root, argv = digits_sweep
     calls, log = [], []
@@ -96,6 +98,7 @@ def test_rerun_skips_finished_points(digits_sweep):
     assert len(calls) == 1 and f"--workdir={root}/gap_vs_fc/gap" in calls[0]
 
 
+@pytest.mark.slow
 def test_sweep_table_and_plot_of_the_real_sweep(digits_sweep, tmp_path):
     root, _ = digits_sweep
     table, plot = tmp_path / "table.md", tmp_path / "bars.png"
