@@ -1,4 +1,5 @@
-"""Checkpoint restore for evaluation: same accuracy on another device count, `best`, and clear errors."""
+"""Checkpoint restore for evaluation: same accuracy on another device count, `best`, damaged checkpoints,
+clear errors."""
 
 import json
 import os
@@ -81,3 +82,79 @@ def test_arch_mismatch_and_bad_checkpoint_names(run, capsys):
         evaluate.evaluate_checkpoint(workdir, checkpoint="7")
     with pytest.raises(ValueError, match="choose latest | best"):
         evaluate.evaluate_checkpoint(workdir, checkpoint="newest")
+
+
+def _damaged_copy(workdir, tmp_path):
+    """A copy of the run whose newest checkpoint (12) has its array data cut in half."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    state = copy / "checkpoints" / "12" / "state"
+    data = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    return copy
+
+
+def _evaluate_cli(*args):
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "NIN_JAX_NO_REEXEC": "1"}
+    return subprocess.run([sys.executable, "-m", "nin_jax.evaluate", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _own_lines(stderr):
+    """stderr without the C++ libraries' start-up logging (TensorFlow, XLA), which nin_jax does not control."""
+    noise = ("I0000", "W0000", "WARNING: All log messages", "WARNING:absl:Type")
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(noise)]
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_in_one_line(run, tmp_path):
+    workdir, results = run
+    copy = _damaged_copy(workdir, tmp_path)
+    proc = _evaluate_cli(f"--workdir={copy}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = _own_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr  # no tracebacks, no "Event loop is closed", no TensorStore spec
+    assert lines[0].startswith(f"warning: checkpoint {copy}/checkpoints/12 is unreadable (ValueError: OUT_OF_RANGE")
+    assert lines[0].endswith("using step 6, the newest readable one.") and len(lines[0]) < 600
+    out = json.loads(proc.stdout)
+    assert out["step"] == 6 and out["checkpoint"] == f"{copy}/checkpoints/6"
+    assert (copy / "checkpoints" / "12").is_dir()  # evaluation never moves or deletes anything
+
+    proc = _evaluate_cli(f"--workdir={copy}", "--checkpoint=12")
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = _own_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint {copy}/checkpoints/12 (--checkpoint=12) is unreadable (")
+    assert lines[0].endswith("the newest readable step is 6: pass --checkpoint=6.")
+
+
+def test_best_and_named_steps_that_cannot_be_read_name_the_checkpoint_to_use(run, tmp_path):
+    workdir, _ = run
+    copy = _damaged_copy(workdir, tmp_path)
+    with pytest.raises(checkpointing.CheckpointError, match=r"the newest readable step is 6: pass --checkpoint=6\.$"):
+        evaluate.evaluate_checkpoint(str(copy), checkpoint="12")
+    out = evaluate.evaluate_checkpoint(str(copy), split="train[:16]", checkpoint="latest")
+    assert out["step"] == 6 and out["num_examples"] == 16
+
+
+def test_missing_split_blames_the_split_flag(run, capsys, monkeypatch):
+    monkeypatch.setenv("NIN_JAX_NO_REEXEC", "1")  # evaluate.main runs in this process
+    workdir, _ = run
+    with pytest.raises(ConfigError, match=r"^--split='validation' cannot be read .*Unknown split 'validation'"):
+        evaluate.evaluate_checkpoint(workdir, split="validation")
+    assert evaluate.main([f"--workdir={workdir}", "--split=validation", "--arch=nin_digits"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --split='validation'") and "config.eval_split" not in err
+
+
+def test_checkpoint_of_another_model_is_refused(run, tmp_path):
+    workdir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["width"] = 0.5  # the run trained width 0.25
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"does not hold the model that config.json describes "
+                                          r"\((batch_stats|params)\['block1'\]"):
+        evaluate.evaluate_checkpoint(str(copy))
