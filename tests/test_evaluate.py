@@ -1,6 +1,7 @@
 """Checkpoint restore for evaluation: same accuracy on another device count, `best`, damaged checkpoints,
 clear errors."""
 
+import collections
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import pytest
 
 from nin_jax.config import ConfigError
 from nin_jax import checkpointing
-from nin_jax.tools import evaluate
+from nin_jax.tools import evaluate, restore
 import launch_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,13 +86,14 @@ def test_arch_mismatch_and_bad_checkpoint_names(run, capsys):
 
 
 def _damaged_copy(workdir, tmp_path):
-    """A copy of the run whose newest checkpoint (12) has its array data cut in half."""
+    """A copy of the run whose newest checkpoint (12) has every data file of its arrays cut in half."""
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
-    state = copy / "checkpoints" / "12" / "state"
-    data = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    with open(data, "r+b") as f:
-        f.truncate(data.stat().st_size // 2)
+    data = [p for p in (copy / "checkpoints" / "12" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for path in data:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
     return copy
 
 
@@ -115,7 +117,7 @@ def test_damaged_newest_checkpoint_falls_back_in_one_line(run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = _own_lines(proc.stderr)
     assert len(lines) == 1, proc.stderr  # no tracebacks, no "Event loop is closed", no TensorStore spec
-    assert lines[0].startswith(f"warning: checkpoint {copy}/checkpoints/12 is unreadable (ValueError: OUT_OF_RANGE")
+    assert lines[0].startswith(f"warning: checkpoint {copy}/checkpoints/12 is unreadable (")
     assert lines[0].endswith("using step 6, the newest readable one.") and len(lines[0]) < 600
     out = json.loads(proc.stdout)
     assert out["step"] == 6 and out["checkpoint"] == f"{copy}/checkpoints/6"
@@ -158,3 +160,42 @@ def test_checkpoint_of_another_model_is_refused(run, tmp_path):
     with pytest.raises(ConfigError, match=r"does not hold the model that config.json describes "
                                           r"\((batch_stats|params)\['block1'\]"):
         evaluate.evaluate_checkpoint(str(copy))
+
+
+def test_orbax_read_errors_are_shortened_to_their_cause():
+    """Orbax wraps a failed TensorStore read in an exception carrying the whole spec (kilobytes)."""
+    spec = "{" + ", ".join(f"'key{i}': {{'driver': 'zarr'}}" for i in range(200)) + "}"
+    cause = ValueError('OUT_OF_RANGE: Error reading "params.block1.conv.kernel/0.0" in OCDBT database at local '
+                       'file "/w/checkpoints/12/state/": Requested byte range [0, 9) is not valid for value of size 4 '
+                       f"[tensorstore_spec='{spec}'] [source locations='tensorstore/kvstore/x.cc:1']")
+    try:
+        try:
+            raise cause
+        except ValueError as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 3, 1),). See full TensorStore "
+                            f"details: <bound method spec of TensorStore({spec})>.") from e
+    except Exception as e:  # noqa: BLE001
+        short = restore.short_error(e)
+    assert short == ('ValueError: OUT_OF_RANGE: Error reading "params.block1.conv.kernel/0.0" in OCDBT database at '
+                     'local file "/w/checkpoints/12/state/": Requested byte range [0, 9) is not valid for value of '
+                     "size 4")
+    assert restore.short_error(RuntimeError("x" * 1000)) == "RuntimeError: " + "x" * 297 + "..."
+
+
+def test_leftovers_of_a_failed_orbax_read_are_not_printed(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    restore._install_orbax_leftovers_filter()
+
+    async def orbax_read():  # stands for Orbax's abandoned read coroutines
+        pass
+
+    orbax_read.__code__ = orbax_read.__code__.replace(co_filename="/site-packages/orbax/checkpoint/x.py")
+    coroutine = orbax_read()
+    Unraisable = collections.namedtuple("Unraisable", "exc_type exc_value exc_traceback err_msg object")
+    other = KeyError("kept")
+    for error, obj in ((RuntimeError("Event loop is closed"), None), (Exception("read failed"), coroutine),
+                       (other, None)):
+        sys.unraisablehook(Unraisable(type(error), error, None, None, obj))
+    coroutine.close()
+    assert seen == [other]
