@@ -476,7 +476,11 @@ class TrainedRun:
         return load_images(images, self.preprocessing)
 
     def preprocess(self, images: Any) -> np.ndarray:
-        """float32 [N, H, W, C] model inputs (already model-size uint8 batches pass through `load_images` unchanged)."""
+        """float32 [N, H, W, C] model inputs: `load_images`, then the run's normalisation.
+
+        Every image goes through the evaluation's resize or crop: for a "resize" run a model-size image is
+        unchanged; a "center_crop" run crops it like any other (use `forward` for inputs already prepared).
+        """
         return np.asarray(self.preprocessing.normalizer(self.load_images(images)), np.float32)
 
     @functools.cached_property
