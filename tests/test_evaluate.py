@@ -1,5 +1,7 @@
-"""Checkpoint restore for evaluation: same accuracy on another device count, `best`, and clear errors."""
+"""Checkpoint restore for evaluation: same accuracy on another device count, `best`, damaged checkpoints,
+clear errors."""
 
+import collections
 import json
 import os
 import shutil
@@ -10,7 +12,7 @@ import pytest
 
 from nin_jax.config import ConfigError
 from nin_jax import checkpointing
-from nin_jax.tools import evaluate
+from nin_jax.tools import evaluate, restore
 import launch_helpers
 
 pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
@@ -83,3 +85,119 @@ def test_arch_mismatch_and_bad_checkpoint_names(run, capsys):
         evaluate.evaluate_checkpoint(workdir, checkpoint="7")
     with pytest.raises(ValueError, match="choose latest | best"):
         evaluate.evaluate_checkpoint(workdir, checkpoint="newest")
+
+
+def _damaged_copy(workdir, tmp_path):
+    """A copy of the run whose newest checkpoint (12) has every data file of its arrays cut in half."""
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    data = [p for p in (copy / "checkpoints" / "12" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert data
+    for path in data:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    return copy
+
+
+def _evaluate_cli(*args):
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "NIN_JAX_NO_REEXEC": "1"}
+    return subprocess.run([sys.executable, "-m", "nin_jax.evaluate", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _own_lines(stderr):
+    """stderr without the C++ libraries' start-up logging (TensorFlow, XLA), which nin_jax does not control."""
+    noise = ("I0000", "W0000", "WARNING: All log messages", "WARNING:absl:Type")
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(noise)]
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_in_one_line(run, tmp_path):
+    workdir, results = run
+    copy = _damaged_copy(workdir, tmp_path)
+    proc = _evaluate_cli(f"--workdir={copy}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = _own_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr  # no tracebacks, no "Event loop is closed", no TensorStore spec
+    assert lines[0].startswith(f"warning: checkpoint {copy}/checkpoints/12 is unreadable (")
+    assert lines[0].endswith("using step 6, the newest readable one.") and len(lines[0]) < 600
+    out = json.loads(proc.stdout)
+    assert out["step"] == 6 and out["checkpoint"] == f"{copy}/checkpoints/6"
+    assert (copy / "checkpoints" / "12").is_dir()  # evaluation never moves or deletes anything
+
+    proc = _evaluate_cli(f"--workdir={copy}", "--checkpoint=12")
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = _own_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: checkpoint {copy}/checkpoints/12 (--checkpoint=12) is unreadable (")
+    assert lines[0].endswith("the newest readable step is 6: pass --checkpoint=6.")
+
+
+def test_best_and_named_steps_that_cannot_be_read_name_the_checkpoint_to_use(run, tmp_path):
+    workdir, _ = run
+    copy = _damaged_copy(workdir, tmp_path)
+    with pytest.raises(checkpointing.CheckpointError, match=r"the newest readable step is 6: pass --checkpoint=6\.$"):
+        evaluate.evaluate_checkpoint(str(copy), checkpoint="12")
+    out = evaluate.evaluate_checkpoint(str(copy), split="train[:16]", checkpoint="latest")
+    assert out["step"] == 6 and out["num_examples"] == 16
+
+
+def test_missing_split_blames_the_split_flag(run, capsys, monkeypatch):
+    monkeypatch.setenv("NIN_JAX_NO_REEXEC", "1")  # evaluate.main runs in this process
+    workdir, _ = run
+    with pytest.raises(ConfigError, match=r"^--split='validation' cannot be read .*Unknown split 'validation'"):
+        evaluate.evaluate_checkpoint(workdir, split="validation")
+    assert evaluate.main([f"--workdir={workdir}", "--split=validation", "--arch=nin_digits"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --split='validation'") and "config.eval_split" not in err
+
+
+def test_checkpoint_of_another_model_is_refused(run, tmp_path):
+    workdir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["width"] = 0.5  # the run trained width 0.25
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"does not hold the model that config.json describes "
+                                          r"\((batch_stats|params)\['block1'\]"):
+        evaluate.evaluate_checkpoint(str(copy))
+
+
+def test_orbax_read_errors_are_shortened_to_their_cause():
+    """Orbax wraps a failed TensorStore read in an exception carrying the whole spec (kilobytes)."""
+    spec = "{" + ", ".join(f"'key{i}': {{'driver': 'zarr'}}" for i in range(200)) + "}"
+    cause = ValueError('OUT_OF_RANGE: Error reading "params.block1.conv.kernel/0.0" in OCDBT database at local '
+                       'file "/w/checkpoints/12/state/": Requested byte range [0, 9) is not valid for value of size 4 '
+                       f"[tensorstore_spec='{spec}'] [source locations='tensorstore/kvstore/x.cc:1']")
+    try:
+        try:
+            raise cause
+        except ValueError as e:
+            raise Exception("Encountered error while reading array index: (slice(0, 3, 1),). See full TensorStore "
+                            f"details: <bound method spec of TensorStore({spec})>.") from e
+    except Exception as e:  # noqa: BLE001
+        short = restore.short_error(e)
+    assert short == ('ValueError: OUT_OF_RANGE: Error reading "params.block1.conv.kernel/0.0" in OCDBT database at '
+                     'local file "/w/checkpoints/12/state/": Requested byte range [0, 9) is not valid for value of '
+                     "size 4")
+    assert restore.short_error(RuntimeError("x" * 1000)) == "RuntimeError: " + "x" * 297 + "..."
+
+
+def test_leftovers_of_a_failed_orbax_read_are_not_printed(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    restore._install_orbax_leftovers_filter()
+
+    async def orbax_read():  # stands for Orbax's abandoned read coroutines
+        pass
+
+    orbax_read.__code__ = orbax_read.__code__.replace(co_filename="/site-packages/orbax/checkpoint/x.py")
+    coroutine = orbax_read()
+    Unraisable = collections.namedtuple("Unraisable", "exc_type exc_value exc_traceback err_msg object")
+    other = KeyError("kept")
+    for error, obj in ((RuntimeError("Event loop is closed"), None), (Exception("read failed"), coroutine),
+                       (other, None)):
+        sys.unraisablehook(Unraisable(type(error), error, None, None, obj))
+    coroutine.close()
+    assert seen == [other]

@@ -1,42 +1,56 @@
 """Pictures and tables of trained runs.
 
-    python -m nin_jax.analysis class_maps --workdir=W --out=maps.png [--num_images=6]
+    python -m nin_jax.analysis class_maps --workdir=W --out=maps.png [--num_images=6] [--overlay]
+    python -m nin_jax.analysis class_maps --workdir=W --images A.jpg B.jpg --out=maps.png [--overlay]
+    python -m nin_jax.analysis curves --workdir=W1 --workdir=W2 --out=curves.png
     python -m nin_jax.analysis sweep --root=R --out=table.md --plot=bars.png
 
-`class_maps` draws, for the first eval images, the image beside the per-class confidence maps of the last
-mlpconv layer (the paper's Figure 4); the true class is framed green, the predicted one red. `sweep` tabulates
-the final metrics of every point under a sweep root (`R/<sweep>/<point>/results.json`, or `R/<point>/...`
-for one sweep's directory) paper-style, beside the paper's number where it has one, and draws them as bars.
+`class_maps` draws, for the first eval images (or the `--images` given), the image beside the per-class
+confidence maps of the last mlpconv layer (the paper's Figure 4); the true class is framed green, the
+predicted one red. `--overlay` draws each map upsampled (bilinear) over its image instead, the usual way to
+read class activation maps. `curves` plots train/eval loss and top-1 against step from each workdir's
+metrics.jsonl, one colour per run. `sweep` tabulates the final metrics of every point under a sweep root
+(`R/<sweep>/<point>/results.json`, or `R/<point>/...` for one sweep's directory) paper-style, beside the
+paper's number where it has one, and draws them as bars.
+
+Figures are built with matplotlib's object API (no pyplot state, no backend switch): the functions that
+draw return a `matplotlib.figure.Figure`, which notebooks display and `save_png` writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
+import os
 import sys
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+from etils import epath
+from matplotlib import patches
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # files only, no display
-
-import jax  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-from matplotlib import patches  # noqa: E402
-
-from nin_jax.config import ConfigError  # noqa: E402
-from nin_jax.cpu import hostenv  # noqa: E402
-from nin_jax.tools import evaluate, sweeps  # noqa: E402
+from nin_jax.config import ConfigError
+from nin_jax.cpu import hostenv
+from nin_jax.tools import evaluate, restore, sweeps
 
 CELL_INCHES = 1.1  # one image or class map
 HEADER_INCHES = 0.4  # the figure title
 DPI = 100
 MAX_MAP_COLUMNS = 10  # with more classes, the top-scoring ones (always including the true class)
+OVERLAY_ALPHA = 0.5
+CURVE_PANELS = (("loss", ("train/loss", "eval/loss")), ("top-1", ("train/top1", "eval/top1")))
+
+
+def save_png(fig: Figure, out: str) -> None:
+    """Writes `fig` as a PNG to `out` (local or gs://), creating its folder."""
+    path = epath.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
 
 
 def class_maps_figure_pixels(num_images: int, num_maps: int) -> tuple[int, int]:
@@ -44,12 +58,12 @@ def class_maps_figure_pixels(num_images: int, num_maps: int) -> tuple[int, int]:
     return (round((1 + num_maps) * CELL_INCHES * DPI), round((num_images * CELL_INCHES + HEADER_INCHES) * DPI))
 
 
-def _shown_classes(logits: np.ndarray, label: int) -> list[int]:
+def _shown_classes(logits: np.ndarray, label: int | None) -> list[int]:
     """All classes, or the top-scoring MAX_MAP_COLUMNS with the true class among them, best first."""
     if logits.shape[0] <= MAX_MAP_COLUMNS:
         return list(range(logits.shape[0]))
     top = [int(c) for c in np.argsort(-logits)[:MAX_MAP_COLUMNS]]
-    if label not in top:
+    if label is not None and label not in top:
         top[-1] = label
     return top
 
@@ -59,55 +73,70 @@ def _frame(ax: Any, color: str) -> None:
                                    clip_on=False))
 
 
-def class_maps(workdir: str, out: str, *, num_images: int = 6, split: str | None = None,
-               checkpoint: str = "latest", data_dir: str | None = None) -> dict[str, Any]:
-    """Draws the class maps of the first `num_images` eval images to the PNG `out`; returns what it drew.
+def upsample(class_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A [h, w] map resized to [height, width] (bilinear), to lay over its image."""
+    return np.asarray(Image.fromarray(np.asarray(class_map, np.float32), mode="F").resize((width, height),
+                                                                                          Image.BILINEAR))
 
-    Runs in one process (it reads the first eval batch back to the host).
+
+OVERLAY_MIN_PIXELS = 112  # maps over small images are upsampled to at least this size, for a smooth picture
+
+
+def _show_image(ax: Any, image: np.ndarray) -> None:
+    h, w = image.shape[:2]
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest", extent=(0, w, h, 0))
+
+
+def _show_overlay(ax: Any, image: np.ndarray, class_map: np.ndarray, lo: float, hi: float) -> None:
+    h, w = image.shape[:2]
+    scale = max(1.0, OVERLAY_MIN_PIXELS / max(h, w))
+    _show_image(ax, image)
+    ax.imshow(upsample(class_map, round(h * scale), round(w * scale)), cmap="jet", vmin=lo, vmax=hi,
+              alpha=OVERLAY_ALPHA, interpolation="nearest", extent=(0, w, h, 0))
+
+
+def class_maps_figure(images: np.ndarray, logits: np.ndarray, maps: np.ndarray, class_names: Sequence[str], *,
+                      labels: Sequence[int] | None = None, names: Sequence[str] | None = None,
+                      overlay: bool = False, title: str = "") -> tuple[Figure, list[dict]]:
+    """One row per image: the uint8 image [H, W, C], then its class maps (top MAX_MAP_COLUMNS classes).
+
+    With `labels` the true class is framed green and a wrong prediction red; without, the prediction is
+    framed red. `overlay` lays each map, upsampled to the image, over it. Returns (figure, what each row shows).
     """
-    if num_images < 1:
-        raise ConfigError(f"--num_images={num_images} must be >= 1.")
-    config = evaluate.load_saved_config(workdir)
-    if data_dir is not None:
-        config.data_dir = data_dir
-    r = evaluate.restore(workdir, checkpoint=checkpoint, config=config)
-    batches = r.pipeline.eval_batches(split, with_raw=True)
-    first = next(batches)
-    batches.close()  # one batch is enough; stops the prefetch thread
-    n = min(num_images, int(np.asarray(first["mask"]).sum()))
-    images = np.asarray(first["image"])[:n]
-    raw, labels = np.asarray(first["raw"])[:n], np.asarray(first["label"])[:n]
-    apply = jax.jit(functools.partial(r.model.apply, train=False, return_class_maps=True))
-    logits, maps = jax.device_get(apply(r.variables, images))
-    names = r.pipeline.info.class_names
-    if maps.shape[-1] != len(names):
-        raise ConfigError(
-            f"{workdir} trained model.head={r.config.model.head!r} with "
-            f"model.fc_input={r.config.model.fc_input!r}: its last layer has {maps.shape[-1]} channels, not one "
-            f"map per class ({len(names)}); class maps need head='gap' or fc_input='class_maps'."
-        )
-
-    num_maps = min(len(names), MAX_MAP_COLUMNS)
+    n = len(images)
+    num_maps = min(len(class_names), MAX_MAP_COLUMNS)
     width, height = class_maps_figure_pixels(n, num_maps)
-    fig, axes = plt.subplots(n, 1 + num_maps, figsize=(width / DPI, height / DPI), dpi=DPI, squeeze=False)
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
+    axes = fig.subplots(n, 1 + num_maps, squeeze=False)
     top = 1 - HEADER_INCHES / (height / DPI)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top - 0.03, wspace=0.08, hspace=0.45)
-    fig.suptitle(f"{r.config.model.arch} ({r.config.model.head}), step {r.step}: class maps of the last mlpconv "
-                 "layer (green: true, red: predicted)", fontsize=9, y=0.995)
+    fig.suptitle(title, fontsize=9, y=0.995)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
     drawn = []
     for i in range(n):
-        pred, label = int(np.argmax(logits[i])), int(labels[i])
-        image = raw[i]
+        pred = int(np.argmax(logits[i]))
+        label = None if labels is None else int(labels[i])
+        image = images[i]
         ax = axes[i, 0]
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", interpolation="nearest")
-        ax.set_title(f"true {names[label]}\npred {names[pred]}", fontsize=7, color="green" if pred == label else "red")
+        _show_image(ax, image)
+        if label is None:
+            head = f"{names[i]}\n" if names is not None else ""
+            ax.set_title(f"{head}pred {class_names[pred]} {100 * probs[i][pred]:.0f}%", fontsize=7)
+        else:
+            ax.set_title(f"true {class_names[label]}\npred {class_names[pred]}", fontsize=7,
+                         color="green" if pred == label else "red")
         shown = _shown_classes(logits[i], label)
         row = maps[i][..., shown]
         lo, hi = float(min(row.min(), 0.0)), float(max(row.max(), 1e-6))  # one colour scale per image
         for j, c in enumerate(shown, start=1):
             ax = axes[i, j]
-            ax.imshow(maps[i][..., c], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_title(f"{names[c]}\n{logits[i][c]:.2f}", fontsize=7)
+            if overlay:
+                _show_overlay(ax, image, maps[i][..., c], lo, hi)
+            else:
+                ax.imshow(maps[i][..., c], cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
+            ax.set_title(f"{class_names[c]}\n{logits[i][c]:.2f}", fontsize=7)
             if c == label:
                 _frame(ax, "limegreen")
             if c == pred and pred != label:
@@ -115,13 +144,138 @@ def class_maps(workdir: str, out: str, *, num_images: int = 6, split: str | None
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-        drawn.append({"true": names[label], "pred": names[pred], "classes": [names[c] for c in shown]})
-    path = epath.Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
-    plt.close(fig)
-    return {"out": out, "step": r.step, "size": (width, height), "images": drawn}
+        row_info = {"pred": class_names[pred], "classes": [class_names[c] for c in shown]}
+        if label is not None:
+            row_info["true"] = class_names[label]
+        if names is not None:
+            row_info["image"] = names[i]
+        drawn.append(row_info)
+    return fig, drawn
+
+
+def class_maps(workdir: str, out: str | None, *, num_images: int = 6, split: str | None = None,
+               checkpoint: str = "latest", data_dir: str | None = None, images: Sequence[Any] | None = None,
+               overlay: bool = False) -> dict[str, Any]:
+    """Draws class maps to the PNG `out`: of the first `num_images` eval images, or of `images` (paths or
+    uint8 arrays of any size, brought to the model's input as `predict` does). Returns what it drew, and the
+    figure under "figure" (for notebooks; `out=None` writes no file).
+
+    The eval-split mode runs in one process (it reads the first eval batch back to the host).
+    """
+    if images is None and num_images < 1:
+        raise ConfigError(f"--num_images={num_images} must be >= 1.")
+    if images is not None:
+        images = list(images)
+        if not images:
+            raise ConfigError("--images: no images given.")
+        for image in images:
+            if not isinstance(image, np.ndarray) and not epath.Path(image).exists():
+                raise ConfigError(f"image {image} does not exist.")
+    if out is not None:
+        restore.check_output_path(out)
+    if images is not None:
+        run = restore.load_run(workdir, checkpoint, data_dir=data_dir)
+        result = run.outputs(images)
+        raw, labels = result["images"], None
+        names = [os.path.basename(str(im)) if not isinstance(im, np.ndarray) else f"image {k}"
+                 for k, im in enumerate(images)]
+    else:
+        run, pipeline = evaluate.restore_for_evaluation(workdir, checkpoint=checkpoint, data_dir=data_dir)
+        batches = evaluate.eval_batches(pipeline, split, with_raw=True)
+        first = next(batches)
+        batches.close()  # one batch is enough; stops the prefetch thread
+        n = min(num_images, int(np.asarray(first["mask"]).sum()))
+        result = run.forward(np.asarray(first["image"])[:n])
+        raw, labels = np.asarray(first["raw"])[:n], np.asarray(first["label"])[:n]
+        names = None
+    logits, maps = result["logits"], result["class_maps"]
+    run.check_class_maps(maps.shape[-1])
+    what = "class maps over the images" if overlay else "class maps of the last mlpconv layer"
+    legend = "red: predicted" if labels is None else "green: true, red: predicted"
+    fig, drawn = class_maps_figure(
+        raw, logits, maps, run.class_names, labels=labels, names=names, overlay=overlay,
+        title=f"{run.config.model.arch} ({run.config.model.head}), step {run.step}: {what} ({legend})")
+    if out is not None:
+        save_png(fig, out)
+    width, height = (round(v) for v in fig.get_size_inches() * DPI)
+    return {"out": out, "step": run.step, "checkpoint": run.checkpoint, "size": (width, height), "images": drawn,
+            "figure": fig}
+
+
+# ---------------------------------------------------------------------------------------------------- curves
+
+
+def read_metrics(workdir: str) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} from `workdir`/metrics.jsonl (lines cut short by a crash are skipped)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist: --workdir={workdir} holds no training log (metrics.jsonl is "
+                          "written by `python -m nin_jax.main` at every log and eval step).")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                series.setdefault(key, []).append((step, float(value)))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def _run_labels(workdirs: Sequence[str]) -> list[str]:
+    """The shortest path suffixes that tell the runs apart (`gap`, `fc`; `a/gap`, `b/gap`)."""
+    parts = [str(w).rstrip("/").split("/") for w in workdirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(w) for w in workdirs]
+
+
+def curves_figure(workdirs: Sequence[str], labels: Sequence[str] | None = None) -> tuple[Figure, list[dict]]:
+    """Train (solid) and eval (dashed, dots) loss and top-1 against step, one colour per workdir."""
+    if not workdirs:
+        raise ConfigError("curves: pass at least one --workdir.")
+    labels = list(labels) if labels is not None else _run_labels(workdirs)
+    fig = Figure(figsize=(10, 3.8), dpi=DPI)
+    axes = fig.subplots(1, len(CURVE_PANELS), squeeze=False)[0]
+    colours = [f"C{i % 10}" for i in range(len(workdirs))]
+    runs = []
+    for workdir, label, colour in zip(workdirs, labels, colours):
+        series = read_metrics(workdir)
+        keys = [k for _, ks in CURVE_PANELS for k in ks if series.get(k)]
+        if not keys:
+            raise ConfigError(f"{workdir}/metrics.jsonl has none of {[k for _, ks in CURVE_PANELS for k in ks]}.")
+        for ax, (_, panel_keys) in zip(axes, CURVE_PANELS):
+            for key in panel_keys:
+                if series.get(key):
+                    steps, values = zip(*series[key])
+                    ev = key.startswith("eval/")
+                    ax.plot(steps, values, color=colour, linestyle="--" if ev else "-", marker="o" if ev else None,
+                            markersize=3, linewidth=1.2, label=f"{label} {key.split('/')[0]}")
+        runs.append({"workdir": str(workdir), "label": label, "points": {k: len(series[k]) for k in keys},
+                     "final": {k: series[k][-1][1] for k in keys}})
+    for ax, (name, _) in zip(axes, CURVE_PANELS):
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("solid: train, dashed: eval", fontsize=9)
+    fig.tight_layout()
+    return fig, runs
+
+
+def curves(workdirs: Sequence[str], out: str | None) -> dict[str, Any]:
+    """Draws `curves_figure` of `workdirs` to the PNG `out`; returns {"out", "runs", "size", "figure"}."""
+    if out is not None:
+        restore.check_output_path(out)
+    fig, runs = curves_figure(workdirs)
+    if out is not None:
+        save_png(fig, out)
+    width, height = (round(v) for v in fig.get_size_inches() * DPI)
+    return {"out": out, "runs": runs, "size": (width, height), "figure": fig}
 
 
 # ---------------------------------------------------------------------------------------------------- sweeps
@@ -231,7 +385,8 @@ def sweep_table(results: dict[str, list[PointResult]]) -> str:
 
 def sweep_plot(results: dict[str, list[PointResult]], out: str) -> None:
     """Bars of each point's error %, with the paper's error beside it where the paper has one."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), dpi=DPI, squeeze=False)
+    fig = Figure(figsize=(4.5 * len(results), 3.6), dpi=DPI)
+    axes = fig.subplots(1, len(results), squeeze=False)
     for ax, (sweep, points) in zip(axes[0], results.items()):
         x = np.arange(len(points))
         ours = [p.error if p.error is not None else 0.0 for p in points]
@@ -256,23 +411,25 @@ def sweep_plot(results: dict[str, list[PointResult]], out: str) -> None:
         ax.set_ylabel("error %")
         ax.set_title(sweep, fontsize=10)
     fig.tight_layout()
-    path = epath.Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-        fig.savefig(f, format="png", dpi=DPI)
-    plt.close(fig)
+    save_png(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    cm = sub.add_parser("class_maps", help="class confidence maps of a few eval images (paper Figure 4)")
+    cm = sub.add_parser("class_maps", help="class confidence maps of eval images or given images (paper Figure 4)")
     cm.add_argument("--workdir", required=True)
     cm.add_argument("--out", required=True, help="PNG file")
+    cm.add_argument("--images", nargs="+", default=None, metavar="IMAGE",
+                    help="image files to draw (default: the first --num_images of the eval split)")
+    cm.add_argument("--overlay", action="store_true", help="each map upsampled over its image")
     cm.add_argument("--num_images", type=int, default=6)
     cm.add_argument("--split", default=None, help="default: the run's config.eval_split")
-    cm.add_argument("--checkpoint", default="latest", help=evaluate.CHECKPOINT_CHOICES)
+    cm.add_argument("--checkpoint", default="latest", help=restore.CHECKPOINT_CHOICES)
     cm.add_argument("--data_dir", default=None, help="replaces the saved config.data_dir")
+    cu = sub.add_parser("curves", help="train/eval loss and top-1 against step, one line per run")
+    cu.add_argument("--workdir", action="append", required=True, help="a training workdir; repeat for several")
+    cu.add_argument("--out", required=True, help="PNG file")
     sw = sub.add_parser("sweep", help="table and bar chart of a sweep's points")
     sw.add_argument("--root", required=True, help="the sweep root (or one sweep's directory under it)")
     sw.add_argument("--out", default=None, help="markdown file for the table (it is printed as well)")
@@ -280,11 +437,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "class_maps":
-            hostenv.prepare(evaluate.load_saved_config(args.workdir))  # before jax's backends start, as in training
+            hostenv.prepare(restore.load_saved_config(args.workdir))  # before jax's backends start, as in training
             drawn = class_maps(args.workdir, args.out, num_images=args.num_images, split=args.split,
-                               checkpoint=args.checkpoint, data_dir=args.data_dir)
+                               checkpoint=args.checkpoint, data_dir=args.data_dir, images=args.images,
+                               overlay=args.overlay)
+            drawn.pop("figure")
+            print(json.dumps(drawn))
+        elif args.command == "curves":
+            drawn = curves(args.workdir, args.out)
+            drawn.pop("figure")
             print(json.dumps(drawn))
         else:
+            for flag, value in (("--out", args.out), ("--plot", args.plot)):
+                if value:
+                    restore.check_output_path(value, flag)
             results = collect_sweeps(args.root)
             table = sweep_table(results)
             print(table)

@@ -1,0 +1,579 @@
+"""A trained run, restored for analysis from its workdir: predictions and class maps of any images.
+
+    from nin_jax.tools import restore
+    run = restore.load_run("gs://bucket/nin_cifar10", checkpoint="best")   # or "latest", or a step
+    probs = run.predict(["cat.jpg", "ship.png"])        # float32 [2, num_classes]
+    run.top_classes(probs, k=3)                          # [[("cat", 0.91), ("dog", 0.05), ...], ...]
+    maps = run.class_maps(images)                        # float32 [N, h, w, num_classes]
+
+`load_run` reads the config saved in the workdir (config.json), builds the model from it, and restores only
+the parameters and BatchNorm statistics of the checkpoint (an Orbax partial restore of the `state` item: the
+optimizer state, RNG key and step counter are never read) onto a mesh over this machine's devices, whatever
+topology the run was trained on. Images are uint8 HWC arrays or file paths of any size: they are resized or
+center-cropped to the model's input as the run's evaluation path does, then normalised with the run's fitted
+preprocessing.
+
+Reading a checkpoint: `latest` falls back to the newest step that reads (with a one-line warning naming the
+unreadable one); `best` or a step number that cannot be read raises `CheckpointError` naming the exact
+`--checkpoint=` that would work. Nothing in the workdir is modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import io
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from PIL import Image
+
+from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
+from nin_jax.checkpointing import CheckpointError
+from nin_jax.config import ConfigError
+
+CHECKPOINT_CHOICES = "latest | best | a step number"
+# Digest of the restored subtree {"params", "batch_stats"} (`checkpointing.state_digest` of that dict), in a
+# step's meta. A partial restore cannot check the digest of the whole state (it covers the optimizer arrays
+# that are not read), so this one is verified when the checkpoint carries it.
+INFERENCE_DIGEST_KEY = "inference_sha256"
+_GRAY_MODES = ("1", "L", "I", "I;16", "F")
+ImageLike = Any  # a path (str / os.PathLike), or a uint8 array [H, W], [H, W, C]; or a uint8 batch [N, H, W, C]
+
+
+# ------------------------------------------------------------------------------------------------ workdir
+
+
+def load_saved_config(workdir: str, *, arch: str | None = None) -> ml_collections.ConfigDict:
+    """The config.json a training run wrote in `workdir`; with `arch`, checks that it trained that arch."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        raise ConfigError(
+            f"{path} does not exist: --workdir={workdir} holds no training run "
+            "(train first with `python -m nin_jax.main --config=... --workdir=...`)."
+        )
+    config = config_lib.from_json(path.read_text())
+    if arch is not None and arch != config.model.arch:
+        raise ConfigError(
+            f"--arch={arch} does not match the checkpoint in {workdir}, which was trained as "
+            f"model.arch={config.model.arch!r} (config.json); drop --arch or pass --arch={config.model.arch}."
+        )
+    return config
+
+
+def check_output_path(path: str, flag: str = "--out", *, directory: bool = False) -> None:
+    """Raises ConfigError unless `path` (a file, or with `directory` a folder) can be written; creates parents.
+
+    Called by the command-line tools before any work, so that a long computation never ends on a bad path.
+    """
+    target = epath.Path(path)
+    folder = target if directory else target.parent
+    if not directory and target.is_dir():
+        raise ConfigError(f"{flag}={path} is a directory; pass a file path.")
+    if directory and target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag}={path} is a file; pass a directory path.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".nin_jax_write_test.{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag}={path} is not writable ({type(e).__name__}: {e}); pass a path you can write to.") \
+            from e
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """`Type: message` of the innermost cause, on one line, without the TensorStore specs (kilobytes of JSON)
+    that Orbax's read errors carry."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    spec = r"\s*\[(?:tensorstore_spec|source locations)|\.? See full TensorStore details"
+    text = re.split(spec, lines[0] if lines else "")[0]
+    if len(text) > limit:
+        code = re.match(r"[A-Z_]{3,}: ", text)
+        tail = text.rsplit(": ", 1)[-1]
+        text = (code.group(0) if code else "") + (tail if len(tail) < limit else tail[: limit - 3] + "...")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops Orbax's informational warnings (read-only manager, missing optional metadata) while restoring."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    logger, quiet = logging.getLogger("absl"), _QuietOrbax()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def _install_orbax_leftovers_filter() -> None:
+    """Silences the leftovers of a failed Orbax read, already reported in one line by `restore_variables`.
+
+    When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore still holds
+    the other reads: each of those later reports its completion to the closed loop (`RuntimeError: Event loop
+    is closed`), and Orbax's abandoned read coroutines raise again when they are finalised, often at exit.
+    Python prints both through `sys.unraisablehook`, one traceback (with the whole TensorStore spec) per
+    array. This hook drops exactly those two kinds and passes everything else on.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_nin_jax_orbax_filter", False):
+        return
+
+    def hook(unraisable):
+        error, obj = unraisable.exc_value, unraisable.object
+        code = getattr(obj, "cr_code", None)  # a coroutine finalised with its exception
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if code is not None and "/orbax/" in code.co_filename.replace(os.sep, "/"):
+            return
+        previous(unraisable)
+
+    hook._nin_jax_orbax_filter = True
+    sys.unraisablehook = hook
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+@flax.struct.dataclass
+class InferenceState:
+    """What evaluation reads of a TrainState (`train.eval_step` takes it in place of one)."""
+
+    params: Any
+    batch_stats: Any
+
+
+def _open_manager(ckpt_dir: epath.Path) -> ocp.CheckpointManager:
+    # Read-only, and lightweight: a damaged step's metrics are read (and can fail) only when asked for.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, lightweight_initialize=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(ckpt_dir, options=options)
+
+
+def _saved_metric(mngr: ocp.CheckpointManager, step: int) -> float | None:
+    try:
+        metrics = mngr.metrics(step)
+    except Exception:  # noqa: BLE001 — a damaged metrics file: the step cannot be "best"
+        return None
+    value = (metrics or {}).get(checkpointing.BEST_METRIC)
+    return None if value is None else float(value)
+
+
+def select_step(mngr: ocp.CheckpointManager, checkpoint: str, directory: epath.Path) -> int:
+    """The step `checkpoint` (latest | best | a step number) names among the saved ones."""
+    steps = sorted(mngr.all_steps())
+    checkpoint = str(checkpoint)
+    if not steps:
+        raise ConfigError(
+            f"no checkpoint in {directory}: the run in this workdir has not saved one yet "
+            "(train longer, or lower config.checkpoint_every_steps)."
+        )
+    if checkpoint == "latest":
+        return steps[-1]
+    if checkpoint == "best":
+        scored = [(m, s) for s, m in ((s, _saved_metric(mngr, s)) for s in steps) if m is not None]
+        if not scored:
+            raise ConfigError(
+                f"no checkpoint in {directory} carries {checkpointing.BEST_METRIC}; use --checkpoint=latest.")
+        return max(scored)[1]
+    if checkpoint.isdigit():
+        if int(checkpoint) not in steps:
+            raise ConfigError(f"--checkpoint={checkpoint}: no such step in {directory}; saved steps are {steps}.")
+        return int(checkpoint)
+    raise ConfigError(f"--checkpoint={checkpoint!r}; choose {CHECKPOINT_CHOICES}.")
+
+
+def abstract_variables(model: models.NIN, image_shape: Sequence[int], sharding: jax.sharding.Sharding) -> dict:
+    """{"params", "batch_stats" (BN only)} as ShapeDtypeStructs with `sharding`: the partial-restore target."""
+    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *image_shape)),
+                                               train=False))
+    tree = {"params": shapes["params"]}
+    if shapes.get("batch_stats"):
+        tree["batch_stats"] = shapes["batch_stats"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _check_against_saved(step_dir: epath.Path, target: dict) -> None:
+    """ConfigError if the checkpoint's arrays do not have the shapes the model built from config.json has.
+
+    (Orbax would otherwise pad or truncate arrays of another shape to the requested one.)
+    """
+    metadata = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata
+    if metadata is None:
+        raise CheckpointError(f"the array metadata in {step_dir / 'state'} cannot be read")
+    saved = metadata.tree
+    problems = []
+    for kind, subtree in target.items():
+        flat_saved = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved.get(kind, {}))}
+        for path, want in jax.tree_util.tree_leaves_with_path(subtree):
+            key = jax.tree_util.keystr(path)
+            have = flat_saved.get(key)
+            if have is None:
+                problems.append(f"{kind}{key} is missing")
+            elif tuple(have.shape) != tuple(want.shape):
+                problems.append(
+                    f"{kind}{key} is {tuple(have.shape)} in the checkpoint, {tuple(want.shape)} in the model")
+    if problems:
+        raise ConfigError(
+            f"the checkpoint {step_dir} does not hold the model that config.json describes "
+            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); is config.json from the same run?")
+
+
+def _restore_step(mngr: ocp.CheckpointManager, step: int, target: dict, ckpt_dir: epath.Path) -> tuple[dict, dict]:
+    _check_against_saved(ckpt_dir / str(step), target)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+        meta=ocp.args.JsonRestore()))
+    variables, meta = dict(restored.state), dict(restored.meta or {})
+    if INFERENCE_DIGEST_KEY in meta and checkpointing.state_digest(variables) != meta[INFERENCE_DIGEST_KEY]:
+        raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} does not match its saved digest: its files "
+                              "were changed or damaged after it was written.")
+    return variables, meta
+
+
+def restore_variables(workdir: str, checkpoint: str, target: dict, *,
+                      warn: Callable[[str], None] | None = None) -> tuple[dict, int, str]:
+    """Restores `target`'s subtrees ({"params", "batch_stats"}) of checkpoint `checkpoint` in `workdir`.
+
+    Returns (variables, step, step directory). `latest` falls back to the newest readable step, calling
+    `warn` (default: a line on stderr) with the unreadable ones; any other choice raises `CheckpointError`
+    naming the newest readable step.
+    """
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if not ckpt_dir.exists():
+        raise ConfigError(
+            f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
+            "(train longer, or lower config.checkpoint_every_steps)."
+        )
+    _install_orbax_leftovers_filter()
+    with _quiet_orbax():
+        return _restore_with_fallback(ckpt_dir, str(checkpoint), target, warn)
+
+
+def _restore_with_fallback(ckpt_dir: epath.Path, checkpoint: str, target: dict,
+                           warn: Callable[[str], None]) -> tuple[dict, int, str]:
+    mngr = _open_manager(ckpt_dir)
+    try:
+        step = select_step(mngr, str(checkpoint), ckpt_dir)
+        older = [s for s in sorted(mngr.all_steps(), reverse=True) if s != step]
+        try:
+            variables, _ = _restore_step(mngr, step, target, ckpt_dir)
+            return variables, step, str(ckpt_dir / str(step))
+        except Exception as e:  # noqa: BLE001 — any read failure: try the older steps
+            if isinstance(e, ConfigError) and not isinstance(e, CheckpointError):
+                raise  # config.json does not describe this checkpoint: no other step will read either
+            failure = short_error(e)
+        bad = ckpt_dir / str(step)
+        failures = [f"step {step}: {failure}"]
+        for s in older:
+            try:
+                variables, _ = _restore_step(mngr, s, target, ckpt_dir)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"step {s}: {short_error(e)}")
+                continue
+            if str(checkpoint) == "latest" and s < step:
+                warn(f"warning: checkpoint {bad} is unreadable ({failure}); using step {s}, the newest readable one.")
+                return variables, s, str(ckpt_dir / str(s))
+            raise CheckpointError(f"checkpoint {bad} (--checkpoint={checkpoint}) is unreadable ({failure}); "
+                                  f"the newest readable step is {s}: pass --checkpoint={s}.")
+        raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(failures)}); is config.json "
+                              "from the same run, and are the files complete?")
+    finally:
+        mngr.close()
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How the run turns a uint8 image into the model's input, and what the outputs mean."""
+
+    normalizer: Any  # callable: uint8 [N, H, W, C] -> float32 model input; has .method, .stats, .gcn_scale
+    image_shape: tuple[int, int, int]  # the model's input H, W, C
+    class_names: tuple[str, ...]
+    # How an image of another size becomes H x W: "resize" (the whole image, bilinear: in-memory datasets)
+    # or "center_crop" (short side to `eval_resize`, central H x W, bilinear: per-example decoding, ImageNet).
+    fit: str = "resize"
+    eval_resize: int = 256
+
+    @classmethod
+    def from_pipeline(cls, pipeline: Any, config: ml_collections.ConfigDict) -> "Preprocessing":
+        return cls(
+            # `Pipeline.normalizer` where the data layer exposes it, its private field before.
+            normalizer=getattr(pipeline, "normalizer", None) or pipeline._normalizer,  # pylint: disable=W0212
+            image_shape=tuple(int(d) for d in pipeline.info.image_shape),
+            class_names=tuple(pipeline.info.class_names),
+            fit="center_crop" if _decodes_per_example(config) else "resize",
+            eval_resize=int(config.augment.eval_resize),
+        )
+
+    def describe_fit(self) -> str:
+        h, w, c = self.image_shape
+        colour = "grayscale (PIL mode L)" if c == 1 else "RGB"
+        if self.fit == "center_crop":
+            return (f"{colour}; the short side resized to {self.eval_resize} and the central {h}x{w} cropped "
+                    "(one bilinear resize of that box)")
+        return f"{colour}; the whole image resized to {h}x{w} (bilinear) unless it is already that size"
+
+
+def _decodes_per_example(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's data path decodes each image with a crop (ImageNet, folders with random-resized crops)."""
+    return config.dataset == "imagenet2012" or (config.dataset == "image_folder"
+                                                 and bool(config.augment.random_resized_crop))
+
+
+def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preprocessing:
+    """The run's fitted normaliser, model input shape and class names: the one place they are obtained.
+
+    Today they come from rebuilding the data pipeline, which refits (or reads the cached fit of) the
+    normaliser from the run's training split, so the training data must still be readable.
+    """
+    del workdir  # the fitted preprocessing is not saved in the workdir yet
+    mesh = jax.make_mesh((1,), (mesh_lib.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.local_devices()[:1])
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.batch_size = config.eval_batch_size = max(jax.process_count(), 1)  # no batch is read here
+    try:
+        pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(
+            f"cannot rebuild the preprocessing of the run: its normaliser is refitted from "
+            f"config.train_split={config.train_split!r} of config.dataset={config.dataset!r} "
+            f"(config.data_dir={config.data_dir!r}), which must be readable ({short_error(e)}); "
+            "pass --data_dir if the data moved.") from e
+    return Preprocessing.from_pipeline(pipeline, config)
+
+
+def _center_box(width: int, height: int, size: int, resize: int) -> tuple[float, float, float, float]:
+    side = min(width, height) * min(size / resize, 1.0)
+    x0, y0 = (width - side) / 2, (height - side) / 2
+    return x0, y0, x0 + side, y0 + side
+
+
+def _fit_image(image: Image.Image, prep: Preprocessing) -> np.ndarray:
+    h, w, c = prep.image_shape
+    mode = "L" if c == 1 else "RGB"
+    if prep.fit == "center_crop":
+        width, height = image.size
+        box = _center_box(width, height, h, prep.eval_resize)
+        if image.format == "JPEG":  # as the pipeline: let libjpeg decode at a reduced scale
+            wanted = (math.ceil(width * h / (box[2] - box[0])), math.ceil(height * h / (box[3] - box[1])))
+            image.draft("RGB", wanted)
+            sx, sy = image.size[0] / width, image.size[1] / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+        image = image.convert(mode).resize((w, h), Image.BILINEAR, box=box)
+    elif image.size != (w, h):
+        image = image.convert(mode).resize((w, h), Image.BILINEAR)
+    array = np.asarray(image.convert(mode))
+    return array[..., None] if c == 1 else array
+
+
+def _as_pil(array: np.ndarray, name: str) -> Image.Image:
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ConfigError(f"image {name} is an array of {array.dtype}; pass uint8 pixels (0-255).")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ConfigError(f"image {name} has shape {array.shape}; pass [H, W], [H, W, 1], [H, W, 3] or [H, W, 4].")
+    return Image.fromarray(array)
+
+
+def _image_list(images: Any) -> list[Any]:
+    if isinstance(images, (str, os.PathLike)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 4:
+            return list(images)
+        return [images]
+    return list(images)
+
+
+def load_images(images: Any, prep: Preprocessing) -> np.ndarray:
+    """uint8 [N, H, W, C] model-size images from paths or uint8 arrays of any size (see `Preprocessing.fit`)."""
+    items = _image_list(images)
+    if not items:
+        raise ConfigError("no images given.")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            out.append(_fit_image(_as_pil(item, f"#{i}"), prep))
+            continue
+        path = epath.Path(item)
+        if not path.exists():
+            raise ConfigError(f"image {item} does not exist.")
+        try:
+            with Image.open(io.BytesIO(path.read_bytes())) as image:
+                out.append(_fit_image(image, prep))
+        except (OSError, SyntaxError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"cannot decode image {item}: {e}.") from e
+    return np.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """A run restored for inference: model, variables (replicated over `mesh`), preprocessing, class names."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    model: models.NIN
+    variables: dict  # {"params": ..., "batch_stats": ... (BN only)}: what `model.apply` takes
+    step: int
+    checkpoint: str  # the step directory restored
+    preprocessing: Preprocessing
+    mesh: jax.sharding.Mesh
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.preprocessing.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.preprocessing.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.preprocessing.image_shape
+
+    @property
+    def state(self) -> InferenceState:
+        """Parameters and BN statistics in the form `train.eval_step` reads."""
+        return InferenceState(self.variables["params"], self.variables.get("batch_stats", {}))
+
+    def load_images(self, images: Any) -> np.ndarray:
+        """uint8 [N, H, W, C]: paths or uint8 arrays of any size, brought to the model's input size."""
+        return load_images(images, self.preprocessing)
+
+    def preprocess(self, images: Any) -> np.ndarray:
+        """float32 [N, H, W, C] model inputs: `load_images`, then the run's normalisation.
+
+        Every image goes through the evaluation's resize or crop: for a "resize" run a model-size image is
+        unchanged; a "center_crop" run crops it like any other (use `forward` for inputs already prepared).
+        """
+        return np.asarray(self.preprocessing.normalizer(self.load_images(images)), np.float32)
+
+    @functools.cached_property
+    def _apply(self) -> Callable:
+        repl, batch = mesh_lib.replicated(self.mesh), mesh_lib.data_sharding(self.mesh)
+
+        def forward(variables, x):
+            logits, maps = self.model.apply(variables, x, train=False, return_class_maps=True)
+            logits = logits.astype(jnp.float32)
+            return logits, jax.nn.softmax(logits, axis=-1), maps
+
+        return jax.jit(forward, in_shardings=(repl, batch), out_shardings=repl)
+
+    def forward(self, x: np.ndarray, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """{"logits", "probabilities": [N, classes], "class_maps": [N, h, w, channels]} of float32 model inputs
+        `x` [N, H, W, C] (already normalised), in batches of `batch_size` (default: config.eval_batch_size)."""
+        x = np.asarray(x, np.float32)
+        devices = self.mesh.size
+        batch = _round_up(batch_size or self.config.eval_batch_size, devices)
+        parts = []
+        for start in range(0, len(x), batch):
+            chunk = x[start:start + batch]
+            n = len(chunk)
+            padded = _round_up(n, devices)  # every device gets rows; the padding is dropped below
+            if padded != n:
+                chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), chunk.dtype)])
+            out = jax.device_get(self._apply(self.variables, chunk))
+            parts.append([o[:n] for o in out])
+        logits, probs, maps = (np.concatenate(p) for p in zip(*parts))
+        return {"logits": logits, "probabilities": probs, "class_maps": maps}
+
+    def outputs(self, images: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """`forward` of `images` (paths or uint8 arrays of any size), plus "images": the uint8 model-size inputs."""
+        raw = self.load_images(images)
+        out = self.forward(self.preprocessing.normalizer(raw), batch_size=batch_size)
+        return {**out, "images": raw}
+
+    def logits(self, images: Any, *, batch_size: int | None = None) -> np.ndarray:
+        """float32 [N, num_classes]."""
+        return self.outputs(images, batch_size=batch_size)["logits"]
+
+    def predict(self, images: Any, *, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities, float32 [N, num_classes] (softmax of the logits)."""
+        return self.outputs(images, batch_size=batch_size)["probabilities"]
+
+    def class_maps(self, images: Any, *, batch_size: int | None = None) -> np.ndarray:
+        """float32 [N, h, w, num_classes]: the last mlpconv layer's per-class maps (their means are the logits)."""
+        maps = self.outputs(images, batch_size=batch_size)["class_maps"]
+        self.check_class_maps(maps.shape[-1])
+        return maps
+
+    def check_class_maps(self, channels: int) -> None:
+        if channels != self.num_classes:
+            raise ConfigError(
+                f"{self.workdir} trained model.head={self.config.model.head!r} with "
+                f"model.fc_input={self.config.model.fc_input!r}: its last layer has {channels} channels, not one "
+                f"map per class ({self.num_classes}); class maps need head='gap' or fc_input='class_maps'."
+            )
+
+    def top_classes(self, probabilities: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per row of `probabilities`: the `k` most probable (class name, probability), best first."""
+        probabilities = np.asarray(probabilities)
+        k = max(1, min(int(k), probabilities.shape[-1]))
+        order = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+        return [[(self.class_names[int(c)], float(row[c])) for c in idx] for row, idx in zip(probabilities, order)]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def load_run(workdir: str, checkpoint: str | int = "latest", *, config: ml_collections.ConfigDict | None = None,
+             arch: str | None = None, data_dir: str | None = None, mesh: jax.sharding.Mesh | None = None,
+             preprocessing: Preprocessing | None = None,
+             warn: Callable[[str], None] | None = None) -> TrainedRun:
+    """Restores `checkpoint` (latest | best | a step) of the run in `workdir` (local or gs://) for inference.
+
+    Args:
+      config: replaces the saved config.json (default: that file).
+      arch: expected `model.arch`; a run of another architecture raises ConfigError.
+      data_dir: replaces the saved `config.data_dir` (the data moved).
+      mesh: where the variables live (default: every local device; batches are split over them).
+      preprocessing: the run's preprocessing, when the caller already has it (e.g. from its own pipeline).
+      warn: receives the one-line warning when `latest` falls back to an older step (default: stderr).
+    """
+    config = load_saved_config(workdir, arch=arch) if config is None else ml_collections.ConfigDict(config.to_dict())
+    if data_dir is not None:
+        config.data_dir = data_dir
+    if mesh is None:
+        mesh = mesh_lib.create_mesh(jax.local_devices())
+    prep = preprocessing or _preprocessing(workdir, config)
+    model = models.create_model(config.model, len(prep.class_names), dtype=train.compute_dtype(config),
+                                cpu_kernels=config.cpu_kernels)
+    target = abstract_variables(model, prep.image_shape, mesh_lib.replicated(mesh))
+    variables, step, path = restore_variables(workdir, str(checkpoint), target, warn=warn)
+    return TrainedRun(str(workdir), config, model, variables, step, path, prep, mesh)
