@@ -58,7 +58,7 @@ def eval_batches(pipeline: Any, split: str | None, *, with_raw: bool = False) ->
     try:
         return pipeline.eval_batches(split, with_raw=with_raw)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        if split is None or isinstance(e, ConfigError):
+        if split is None:
             raise
         reason = str(e).replace("config.eval_split=", "--split=").strip().splitlines()[0] if str(e) else ""
         raise ConfigError(f"--split={split!r} cannot be read ({type(e).__name__}: {reason}); pass a split of "
