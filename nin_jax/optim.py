@@ -8,6 +8,7 @@ accumulated). Weight decay acts on weights only; per-layer multipliers reproduce
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,7 @@ import optax
 from nin_jax.config import ConfigError
 
 RECIPES = ("caffe", "modern")
+MAX_WARMUP_FRACTION = 0.1  # of the run's steps
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
@@ -28,13 +30,23 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: 
     if config.recipe == "caffe":
         boundaries = {int(round(e * steps_per_epoch)): o.lr_decay for e in o.lr_boundaries_epochs}
         return optax.piecewise_constant_schedule(o.learning_rate, boundaries)
-    warmup = int(round(o.warmup_epochs * steps_per_epoch))
-    if warmup >= total_steps:
-        raise ConfigError(
-            f"config.optim.warmup_epochs={o.warmup_epochs} ({warmup} steps) is not shorter than the run "
-            f"({total_steps} steps); lower it or train longer."
-        )
+    warmup = warmup_steps(o.warmup_epochs, steps_per_epoch, total_steps)
     return optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: int) -> int:
+    """`warmup_epochs` in steps, capped at `MAX_WARMUP_FRACTION` of the run.
+
+    A warmup sized for a full schedule (e.g. 5 of 200 epochs) would otherwise take all of a short run (a
+    400-step CPU run is ~1 epoch of CIFAR-10) and train it at a fraction of the learning rate throughout.
+    """
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    cap = int(MAX_WARMUP_FRACTION * total_steps)
+    if warmup > cap:
+        logging.warning("config.optim.warmup_epochs=%s is %d steps, more than %d%% of this %d-step run: warming "
+                        "up for %d steps.", warmup_epochs, warmup, round(100 * MAX_WARMUP_FRACTION), total_steps, cap)
+        return cap
+    return warmup
 
 
 def _path_names(path) -> tuple[str, ...]:

@@ -191,3 +191,10 @@ def test_misspelled_config_field_is_rejected():
     )
     assert proc.returncode != 0
     assert "modle" in proc.stderr
+
+
+def test_a_warmup_given_in_epochs_is_capped_to_a_tenth_of_a_short_run():
+    assert optim.warmup_steps(5.0, steps_per_epoch=351, total_steps=400) == 40  # 1,755 steps asked for
+    assert optim.warmup_steps(5.0, steps_per_epoch=351, total_steps=70_200) == 1_755  # a 200-epoch run: as asked
+    lr = optim.create_learning_rate_fn(small_config(optim__warmup_epochs=5.0), steps_per_epoch=351, total_steps=400)
+    assert float(lr(40)) == pytest.approx(0.1) and float(lr(20)) == pytest.approx(0.05)
