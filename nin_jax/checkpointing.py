@@ -80,7 +80,8 @@ def _status_code(error: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def _causes(error: BaseException):
+def exception_chain(error: BaseException):
+    """`error`, then the exceptions it was raised from or while handling, innermost last."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -91,7 +92,7 @@ def _causes(error: BaseException):
 def is_disk_full(error: BaseException) -> bool:
     """Whether `error` (or an exception it was raised from) is a full disk or an exhausted quota."""
     return any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS) or any(t in str(e) for t in _DISK_FULL_TEXT)
-               for e in _causes(error))
+               for e in exception_chain(error))
 
 
 def classify_read_error(error: BaseException) -> str:

@@ -7,6 +7,7 @@ same command with the same workdir resumes from the latest checkpoint. The work 
 
 import difflib
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +21,9 @@ config_flags.DEFINE_config_file("config", None, "Training configuration file.", 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+_disk_full = threading.Event()  # set once Orbax reports a full disk (the run then ends with one line)
+
+
 class _QuietLibraries(logging.logging.Filter):
     """Keeps INFO chatter of Orbax and friends out of the training log (their warnings still show), and their
     tracebacks of a full disk: the run then ends with one line naming the path and what is intact."""
@@ -29,13 +33,32 @@ class _QuietLibraries(logging.logging.Filter):
 
     def filter(self, record):
         noisy = any(p in record.pathname for p in self._NOISY)
-        if noisy and record.levelno >= logging.logging.WARNING:
+        if record.levelno >= logging.logging.WARNING:
             try:
                 text = record.getMessage() + str(record.exc_info[1] if record.exc_info else "")
             except Exception:  # noqa: BLE001 — a record with bad arguments is shown as it is
                 return True
-            return not any(t in text for t in self._DISK_FULL)
-        return record.levelno >= logging.logging.WARNING or not noisy
+            if any(t in text for t in self._DISK_FULL):  # Orbax's threads, asyncio's unretrieved tasks
+                _disk_full.set()
+                return False
+            return True
+        return not noisy
+
+
+def _quiet_closed_loop(previous):
+    """sys.unraisablehook without Tensorstore's reports of writes that completed after Orbax closed the event
+    loop of a failed save (e.g. on a full disk, dozens of tracebacks): raised in asyncio's call_soon_threadsafe
+    called from native code, with no Python caller; nothing is lost by them."""
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and tb:
+            first = tb.tb_frame.f_code
+            if first.co_name == "call_soon_threadsafe" and "asyncio" in first.co_filename:
+                return
+        previous(unraisable)
+
+    return hook
 
 
 def _unknown_override(argv: list[str]) -> str | None:
@@ -110,7 +133,10 @@ def main(argv):
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except (ConfigError, train.NonFiniteLossError, train.StorageFullError) as e:
+    except train.StorageFullError as e:
+        _disk_full.set()
+        _fail(e)
+    except (ConfigError, train.NonFiniteLossError) as e:
         _fail(e)
     except train.Preempted as e:
         sys.exit(e.code)
@@ -125,6 +151,7 @@ def run() -> None:
     """`app.run(main)` with one-line flag errors, and Ctrl-C outside the training steps (start-up, compilation,
     the final evaluation) as one line and exit status 130 (the training loop handles its own, see
     `train.PreemptionWatcher`)."""
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
     try:
         app.run(main, flags_parser=_parse_flags)
     except KeyboardInterrupt:

@@ -4,6 +4,11 @@ The step is data parallel over a 1-D mesh (`data` axis over every device of ever
 `config.parallelism='jit'` the step is written for the global batch and `jax.jit` partitions it from the
 shardings (batch split, state replicated and donated); with `'shard_map'` the same step runs per device under
 `jax.shard_map` with explicit `pmean` of gradients, metrics and BatchNorm statistics.
+
+A workdir holds one experiment: config.json records it at the first start, and a rerun must match it (or
+only lengthen the run: an extension). One training at a time holds the workdir's lock (`WorkdirLock`).
+Every checkpoint is committed before the evaluation that follows it; SIGTERM and Ctrl-C save at the next
+step boundary; a full disk stops the run with one message naming what is intact.
 """
 
 
@@ -494,8 +499,9 @@ def check_identity(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml
     saved = config_lib.from_json(path.read_text())
     diff = [k for k in config_lib.identity_diff(saved, config) if k not in config_lib.DURATION_FIELDS]
     if diff:
-        raise ConfigError(f"--workdir={workdir} holds a different experiment ({_identity_changes(saved, config, diff)}); "
-                          "rerun with its config (config.json) or use a new --workdir.")
+        changes = _identity_changes(saved, config, diff)
+        raise ConfigError(f"--workdir={workdir} holds a different experiment ({changes}); rerun with its config "
+                          "(config.json) or use a new --workdir.")
     return saved
 
 
@@ -518,7 +524,8 @@ def _write_atomic(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: epath.Path, steps_per_epoch: int | None = None) -> int | None:
+def save_config(config: ml_collections.ConfigDict, workdir: epath.Path,
+                steps_per_epoch: int | None = None) -> int | None:
     """Writes config.json at a run's first start; later starts must match its experiment identity.
 
     Identity is every field but `config_lib.EXECUTION_FIELDS` (devices, cadences, kernels, data location),
@@ -668,7 +675,7 @@ def _committed_steps(directory: epath.Path) -> list[int]:
 
 def _disk_full_message(error: BaseException, workdir: epath.Path, ckpt_dir: epath.Path) -> str:
     path = None
-    for e in checkpointing._causes(error):  # pylint: disable=protected-access
+    for e in checkpointing.exception_chain(error):
         found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
         path = (e.filename if isinstance(e, OSError) and e.filename else None) or (found and found.group(1))
         if path:

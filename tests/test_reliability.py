@@ -274,30 +274,65 @@ def checkpointing_best_step(workdir) -> int:
     return max((v, s) for s, v in scored.items() if v is not None)[1]
 
 
+def _inject_enospc(where: str, at: int) -> None:
+    """From step `at` on, the checkpoint writer (Orbax's save) or the metrics writer fails with ENOSPC."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    real_save, real_write = ocp.CheckpointManager.save, train.MetricsLog.write
+
+    def save(self, step, *args, **kwargs):
+        if where == "checkpoint" and step >= at:
+            raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/{step}.orbax-checkpoint-tmp")
+        return real_save(self, step, *args, **kwargs)
+
+    def write(self, step, scalars):
+        if where == "metrics" and step >= at:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._path))
+        return real_write(self, step, scalars)
+
+    ocp.CheckpointManager.save, train.MetricsLog.write = save, write
+
+
 _ENOSPC_DRIVER = """
-import errno, sys
-import orbax.checkpoint as ocp
-from nin_jax import main, train
-where, at = sys.argv.pop(1), int(sys.argv.pop(1))
-real_save, real_write = ocp.CheckpointManager.save, train.MetricsLog.write
-def save(self, step, *args, **kwargs):
-    if where == "checkpoint" and step == at:
-        raise OSError(errno.ENOSPC, "No space left on device", f"{self.directory}/{step}.orbax-checkpoint-tmp")
-    return real_save(self, step, *args, **kwargs)
-def write(self, step, scalars):
-    if where == "metrics" and step == at:
-        raise OSError(errno.ENOSPC, "No space left on device", str(self._path))
-    return real_write(self, step, scalars)
-ocp.CheckpointManager.save, train.MetricsLog.write = save, write
+import sys
+import test_reliability
+from nin_jax import main
+test_reliability._inject_enospc(sys.argv.pop(1), int(sys.argv.pop(1)))
 main.run()
 """
 
 
 @pytest.mark.parametrize("where, at", [("checkpoint", 12), ("metrics", 10)])
-def test_full_disk_is_one_line_keeps_the_checkpoints_and_the_rerun_completes(env, reference, capsys, where, at):
+def test_full_disk_stops_with_one_message_keeps_the_checkpoints_and_the_rerun_completes(
+        env, reference, monkeypatch, capsys, where, at):
+    import orbax.checkpoint as ocp
+
     workdir = env["root"] / f"enospc_{where}"
-    proc = subprocess.run([sys.executable, "-c", _ENOSPC_DRIVER, where, str(at), f"--workdir={workdir}",
-                           *h.config_flags(env["data_cache"])], cwd=h.REPO, env=env["subprocess"],
+    monkeypatch.setattr(ocp.CheckpointManager, "save", ocp.CheckpointManager.save)  # undone after the test
+    monkeypatch.setattr(train.MetricsLog, "write", train.MetricsLog.write)
+    _inject_enospc(where, at)
+    with pytest.raises(train.StorageFullError) as error:
+        train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
+    message = str(error.value)
+    path = workdir / ("checkpoints/12.orbax-checkpoint-tmp" if where == "checkpoint" else "metrics.jsonl")
+    assert message == (
+        f"no space left on the storage of --workdir={workdir} (writing {path}); the run stopped and checkpoints 4, 8 "
+        f"in {workdir / 'checkpoints'} are intact (an unfinished save leaves only a temporary directory, removed at "
+        "the next start). Free space there (or raise the quota) and rerun the same command to resume from step 8.")
+    assert h.committed_steps(workdir) == [4, 8] and not (workdir / "lock").exists()
+    monkeypatch.undo()
+    out = _resume_in_process(workdir, env, capsys)
+    assert "Resuming from checkpoint step 8" in out
+    assert _assert_same_as_reference(workdir, reference) == 0.0
+
+
+@pytest.mark.slow
+def test_full_disk_on_the_command_line_is_one_line(env, reference):
+    workdir = env["root"] / "enospc_cli"
+    proc = subprocess.run([sys.executable, "-c", _ENOSPC_DRIVER, "checkpoint", "12", f"--workdir={workdir}",
+                           *h.config_flags(env["data_cache"])], cwd=h.REPO / "tests", env=env["subprocess"],
                           capture_output=True, text=True, timeout=300)
     print(proc.stderr[-3000:])
     assert proc.returncode == 1
@@ -305,15 +340,35 @@ def test_full_disk_is_one_line_keeps_the_checkpoints_and_the_rerun_completes(env
     # absl's ERROR lines start with E and the date; the run's own message with "error:".
     errors = [line for line in proc.stderr.splitlines()
               if line.startswith("error:") or re.match(r"E\d{4} ", line) or "No space left" in line]
-    assert len(errors) == 1, errors
-    assert errors[0].startswith(f"error: no space left on the storage of --workdir={workdir} (writing {workdir}/")
-    assert errors[0].endswith("Free space there (or raise the quota) and rerun the same command to resume from "
-                              "step 8.")
-    assert "checkpoints 4, 8 in" in errors[0]
-    assert h.committed_steps(workdir) == [4, 8] and not (workdir / "lock").exists()
-    out = _resume_in_process(workdir, env, capsys)
-    assert "Resuming from checkpoint step 8" in out
-    assert _assert_same_as_reference(workdir, reference) == 0.0
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on the storage of --workdir={workdir}")
+    assert h.committed_steps(workdir) == [4, 8]
+
+
+@pytest.mark.slow
+def test_really_full_disk_is_one_line_and_the_rerun_with_space_completes(env, reference, capsys):
+    """The same on a real 900 KiB tmpfs (needs mount rights: root): it fills at the checkpoint of step 12."""
+    mount = env["root"] / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=900k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        workdir = mount / "run"
+        proc = subprocess.run([sys.executable, "-m", "nin_jax.main", f"--workdir={workdir}",
+                               *h.config_flags(env["data_cache"])], cwd=h.REPO, env=env["subprocess"],
+                              capture_output=True, text=True, timeout=300)
+        print(proc.stderr[-2000:])
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        errors = [line for line in proc.stderr.splitlines()
+                  if line.startswith("error:") or re.match(r"E\d{4} ", line) or "No space left" in line]
+        assert len(errors) == 1 and errors[0].startswith("error: no space left on the storage of"), errors
+        steps = h.committed_steps(workdir)
+        assert steps and f"rerun the same command to resume from step {steps[-1]}." in errors[0]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount)], check=True)
+        out = _resume_in_process(workdir, env, capsys)
+        assert f"Resuming from checkpoint step {steps[-1]}" in out
+        assert _assert_same_as_reference(workdir, reference) == 0.0
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_kill9_then_rerun_is_bit_identical(env, reference, interrupted, capsys):
@@ -322,7 +377,11 @@ def test_kill9_then_rerun_is_bit_identical(env, reference, interrupted, capsys):
     assert not (run["workdir"] / "results.json").exists()
     assert run["saved"] and run["saved"][-1] <= run["reached"] < h.NUM_STEPS
 
+    assert (run["workdir"] / "lock").exists()  # left by the killed process
+
     out = _resume_in_process(run["workdir"], env, capsys)
+    assert f"took over the stale lock {run['workdir'] / 'lock'} of host " in out
+    assert f"process {run['proc'].pid} on this host is no longer running" in out
     assert f"Resuming from checkpoint step {run['saved'][-1]}" in out
     assert _assert_same_as_reference(run["workdir"], reference) == 0.0
 

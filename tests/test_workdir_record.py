@@ -117,7 +117,8 @@ def test_a_longer_run_extends_the_workdir_keeping_the_shorter_runs_record(env, f
             f"{longer}); the {h.NUM_STEPS}-step record is kept as config.{h.NUM_STEPS}.json and "
             f"results.{h.NUM_STEPS}.json.") in out
     assert f"Resuming from checkpoint step {h.NUM_STEPS}" in out
-    assert f"Learning-rate schedule: over {longer} steps instead of {h.NUM_STEPS}; at step {h.NUM_STEPS} the LR is" in out
+    assert (f"Learning-rate schedule: over {longer} steps instead of {h.NUM_STEPS}; at step {h.NUM_STEPS} the LR "
+            "is") in out
     assert (workdir / f"config.{h.NUM_STEPS}.json").read_text() == old_config
     assert (workdir / f"results.{h.NUM_STEPS}.json").read_text() == old_results
     assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == longer
@@ -133,7 +134,8 @@ def test_a_longer_run_extends_the_workdir_keeping_the_shorter_runs_record(env, f
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--config.modle.head=fc", "error: --config.modle.head=fc: config has no field 'modle'; did you mean config.model?"),
+    ("--config.modle.head=fc",
+     "error: --config.modle.head=fc: config has no field 'modle'; did you mean config.model?"),
     ("--config.model.hed=fc", "error: --config.model.hed=fc: config.model has no field 'hed'; did you mean "
                               "config.model.head?"),
     ("--config.model.width=abc", "error: flag --config.model.width=abc: could not convert string to float: 'abc'"),
