@@ -40,6 +40,13 @@ class BlockSpec:
     def pad(self) -> int:
         return self.kernel // 2 if self.padding is None else self.padding
 
+    @property
+    def spec(self) -> str:
+        """The block in `config.model.blocks` syntax, e.g. '5:192-160-96:max'."""
+        stride = f"s{self.stride}" if self.stride != 1 else ""
+        pad = f"p{self.padding}" if self.padding is not None else ""
+        return f"{self.kernel}{stride}{pad}:{'-'.join(map(str, self.widths))}:{self.pool or 'none'}"
+
 
 def _block(kernel, widths, *, stride=1, padding=None, pool="max", dropout=True, std=0.05):
     stds = tuple(std) if isinstance(std, (tuple, list)) else (std,) * len(widths)
@@ -131,6 +138,12 @@ def parse_blocks(spec: str, num_classes: int) -> list[BlockSpec]:
             )
         last = i == len(parts) - 1
         widths = tuple(num_classes if w == CLASSES else int(w) for w in m["widths"].split("-"))
+        for what, value in (("kernel", int(m["k"])), ("stride", int(m["s"] or 1)), ("width", min(widths))):
+            if value < 1:
+                raise ConfigError(
+                    f"config.model.blocks: block {i + 1} {part!r} has {what} {value}; kernels, strides and widths "
+                    "must be >= 1 (e.g. '3:96-96-C')."
+                )
         pool = m["pool"] or (None if last else "max")
         blocks.append(
             _block(
@@ -164,7 +177,11 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
     if arch not in PRESETS:
         raise ConfigError(f"config.model.arch={arch!r} is unknown; choose one of {sorted(PRESETS)}.")
     spec = model_cfg.blocks
-    blocks = parse_blocks(spec, num_classes) if spec else list(PRESETS[arch]["blocks"])
+    if spec:
+        blocks = parse_blocks(spec, num_classes)
+    else:  # a preset's class-map layer follows the dataset's class count
+        blocks = list(PRESETS[arch]["blocks"])
+        blocks[-1] = dataclasses.replace(blocks[-1], widths=blocks[-1].widths[:-1] + (num_classes,))
 
     pool2 = model_cfg.pool2
     if pool2 not in ("preset", "max", "avg"):
@@ -250,17 +267,29 @@ def layer_table(
     """Analytic per-layer output shape, parameter count and multiply-accumulates (per image).
 
     MACs count every kernel tap, padded borders included (the usual convention; XLA's cost analysis skips
-    padded taps and reports ~10% less). Pooling, ReLU and BN arithmetic are not counted.
+    padded taps and reports ~10% less). Pooling, ReLU and BN arithmetic are not counted. Raises `ConfigError`
+    naming the block if the blocks shrink the input to nothing.
     """
     h, w, c = input_shape
     rows: list[LayerRow] = []
     cccp = 0
     drop_last = head == "fc" and fc_input == "features"
+
+    def check_size(bi: int, b: BlockSpec, what: str) -> None:
+        if h < 1 or w < 1:
+            raise ConfigError(
+                f"config.model (blocks or arch): block {bi} '{b.spec}' leaves nothing of the "
+                f"{input_shape[0]}x{input_shape[1]} images after its {what} ({h}x{w}); too many pooling or strided "
+                "blocks for this image size: end a block with ':none' in config.model.blocks, use fewer blocks, "
+                "or larger images (config.image_size)."
+            )
+
     for bi, b in enumerate(blocks, start=1):
         widths = b.widths[:-1] if (drop_last and bi == len(blocks)) else b.widths
         for j, cout in enumerate(widths):
             if j == 0:
                 h, w = conv_out_size(h, b.kernel, b.stride, b.pad), conv_out_size(w, b.kernel, b.stride, b.pad)
+                check_size(bi, b, f"{b.kernel}x{b.kernel}/{b.stride} conv")
                 k2 = b.kernel * b.kernel
                 name, kind = f"conv{bi}", f"conv {b.kernel}x{b.kernel}/{b.stride}"
             else:
@@ -273,6 +302,7 @@ def layer_table(
             c = cout
         if b.pool is not None:
             h, w = ceil_pool_size(h), ceil_pool_size(w)
+            check_size(bi, b, f"{b.pool} pooling")
             rows.append(LayerRow(f"pool{bi}", f"{b.pool} 3x3/2", (h, w, c), 0, 0))
     if head == "gap":
         rows.append(LayerRow("gap", "global avg", (1, 1, c), 0, 0))

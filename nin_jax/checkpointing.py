@@ -2,15 +2,23 @@
 
 A checkpoint step directory holds `state` (the TrainState arrays) and `meta` (JSON: step, data position,
 metrics). Orbax writes each step into a temporary directory and renames it when complete, so a crash during
-a save leaves no step behind. A step that is present but unreadable (truncated files, a disk error) or whose
-arrays differ from the SHA-256 digest saved in its meta (bytes changed on disk) is moved aside to
-`<step>.unreadable` and the previous step is restored; nothing is deleted.
+a save leaves no step behind. A step proven damaged (missing or unparsable files, or arrays that differ from
+the SHA-256 digest saved in its meta) is moved aside to `<step>.unreadable` and the previous step is
+restored; nothing is deleted. A read error that may be transient (I/O, network, timeouts) is retried with
+backoff and then raised: it never demotes a step.
+
+The best-checkpoint metric is attached to a step after its evaluation (`attach_metrics`), so that a step is
+committed before the evaluation that follows it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import logging
+import re
+import time
 from typing import Any
 
 import jax
@@ -31,8 +39,79 @@ ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+class _MetricsAttachedLater(logging.Filter):
+    """Drops Orbax's warning for a save without metrics: `attach_metrics` adds them after the evaluation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_MetricsAttachedLater())
+
+
 class CheckpointError(ConfigError):
     """A checkpoint the user pointed at cannot be restored (the message names it and what to do)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A step's files are missing, unparsable or differ from their digest: proven damage, not a read hiccup."""
+
+
+class CheckpointUnavailableError(CheckpointError):
+    """Reading a step failed with a storage error that may be transient, every retry; the step was kept."""
+
+
+# Attempts and first backoff (doubled each time) for reads that fail with a possibly transient error.
+RESTORE_ATTEMPTS = 4
+RESTORE_BACKOFF_S = 1.0
+
+# Tensorstore reports errors as ValueError('<ABSL_STATUS_CODE>: ...'). These codes mean the bytes on storage are
+# missing or not what was written; UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED etc. mean the storage did not answer.
+_DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "RESOURCE_EXHAUSTED", "INTERNAL",
+                    "UNKNOWN", "PERMISSION_DENIED", "UNAUTHENTICATED")
+_STATUS_RE = re.compile(r"^\s*([A-Z_]+):")
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def _status_code(error: BaseException) -> str | None:
+    found = _STATUS_RE.match(str(error))
+    return found.group(1) if found else None
+
+
+def exception_chain(error: BaseException):
+    """`error`, then the exceptions it was raised from or while handling, innermost last."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an exception it was raised from) is a full disk or an exhausted quota."""
+    return any((isinstance(e, OSError) and e.errno in _DISK_FULL_ERRNOS) or any(t in str(e) for t in _DISK_FULL_TEXT)
+               for e in exception_chain(error))
+
+
+def classify_read_error(error: BaseException) -> str:
+    """'damaged' (proven: missing or unparsable files, digest mismatch), 'transient' (storage did not answer:
+    retry) or 'other' (e.g. a restore target that does not match the saved structure: a config change)."""
+    if isinstance(error, CorruptCheckpointError) or isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
+        return "damaged"
+    if isinstance(error, KeyError) and "was not found in the checkpoint" in str(error):
+        return "damaged"  # a whole item directory is missing
+    code = _status_code(error)
+    if code in _DAMAGE_CODES:
+        return "damaged"
+    if code in _TRANSIENT_CODES or isinstance(error, (OSError, TimeoutError, ConnectionError)):
+        return "transient"
+    return "other"
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -89,26 +168,59 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     )
     meta = dict(restored.meta)
     if DIGEST_KEY in meta and state_digest(restored.state) != meta[DIGEST_KEY]:
-        raise CheckpointError(f"checkpoint step {step} in {mngr.directory} does not match its saved digest: "
-                              "its files were changed or damaged after it was written.")
+        raise CorruptCheckpointError(f"checkpoint step {step} in {mngr.directory} does not match its saved digest: "
+                                     "its files were changed or damaged after it was written.")
     return restored.state, meta
+
+
+def restore_with_retries(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """`restore`, retrying errors that may be transient (`RESTORE_ATTEMPTS` tries, backoff doubling from
+    `RESTORE_BACKOFF_S`); then raises `CheckpointUnavailableError`. Other errors are raised at once."""
+    for attempt in range(1, RESTORE_ATTEMPTS + 1):
+        try:
+            return restore(mngr, step, abstract_state)
+        except Exception as e:  # noqa: BLE001 — classified: only a possibly transient error is retried
+            if classify_read_error(e) != "transient":
+                raise
+            if attempt == RESTORE_ATTEMPTS:
+                raise CheckpointUnavailableError(
+                    f"checkpoint step {step} in {mngr.directory} could not be read in {attempt} attempts "
+                    f"({_reason(e)}); it was kept as it is (a storage error is not proof of damage). Check that "
+                    "the storage is reachable and rerun the same command."
+                ) from e
+            delay = RESTORE_BACKOFF_S * 2 ** (attempt - 1)
+            logging.warning("Reading checkpoint step %d in %s failed (%s); retrying in %.1f s.", step,
+                            mngr.directory, _reason(e), delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[Any, dict] | None:
     """Restores the newest readable step; None if there is no checkpoint.
 
-    Steps newer than the restored one failed to read: they are moved aside to `<step>.unreadable` (nothing is
-    deleted) so that the run can save those step numbers again. If no step can be read, nothing is moved: the
-    cause is then more likely the current config (e.g. a different optimizer) than the files.
+    Steps newer than the restored one are proven damaged (`classify_read_error`): they are moved aside to
+    `<step>.unreadable` (nothing is deleted) so that the run can save those step numbers again. A read error
+    that may be transient is retried and then raised, and any other error (e.g. a config that does not match
+    the saved arrays) is raised: neither moves a step. If no step can be read, nothing is moved.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     failures = []
     for step in steps:
         try:
-            restored = restore(mngr, step, abstract_state)
-        except Exception as e:  # noqa: BLE001 — any read failure means "try the previous step"
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            restored = restore_with_retries(mngr, step, abstract_state)
+        except CheckpointUnavailableError:
+            raise
+        except Exception as e:  # noqa: BLE001 — classified below
+            reason = _reason(e)
             logging.warning("Checkpoint step %d in %s could not be restored (%s).", step, mngr.directory, reason)
+            if classify_read_error(e) != "damaged":
+                earlier = "; ".join(f"step {s}: {r}" for s, r in failures)
+                raise CheckpointError(
+                    f"checkpoint step {step} in {mngr.directory} could not be restored ({reason})"
+                    f"{'; newer steps are damaged (' + earlier + ')' if earlier else ''}; nothing was moved. If the "
+                    "config changed since it was written, rerun with the original config; otherwise restore a good "
+                    "copy, or use a new --workdir."
+                ) from e
             failures.append((step, reason))
             continue
         for bad, reason in failures:
@@ -123,7 +235,29 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
     if steps:
         details = "; ".join(f"step {s}: {r}" for s, r in failures)
         raise CheckpointError(
-            f"No checkpoint in {mngr.directory} could be restored ({details}). If the config changed since they "
-            "were written, rerun with the original config; otherwise restore a good copy, or use a new --workdir."
+            f"No checkpoint in {mngr.directory} could be restored ({details}); nothing was moved. If the config "
+            "changed since they were written, rerun with the original config; otherwise restore a good copy, or use "
+            "a new --workdir."
         )
     return None
+
+
+def attach_metrics(mngr: ocp.CheckpointManager, step: int, metrics: dict) -> None:
+    """Records `metrics` (e.g. {BEST_METRIC: top1}) for a committed `step`, as if `save` had been given them.
+
+    Orbax keeps a step's metrics in `<step>/metrics/metrics` (JSON) and reads them from there (`mngr.metrics`,
+    the best-step policy, `evaluate --checkpoint=best`); it has no call to add them after a save, so the file is
+    written here (process 0, write then rename) and the manager reloads its step list.
+    """
+    mngr.wait_until_finished()
+    if jax.process_index() == 0:
+        item = epath.Path(mngr.directory) / str(step) / "metrics"
+        item.mkdir(parents=True, exist_ok=True)
+        tmp = item / "metrics.tmp"
+        tmp.write_text(json.dumps(metrics))
+        tmp.replace(item / "metrics")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(f"nin_jax:attach_metrics:{step}")
+    mngr.reload()

@@ -3,6 +3,9 @@
 `configs/*.py` start from `get_config()` here; `configs/default.py` is this config unchanged.
 """
 
+import math
+from typing import Callable
+
 import ml_collections
 
 
@@ -130,6 +133,82 @@ def from_json(text: str) -> ml_collections.ConfigDict:
                 node = node[parent]
             node[leaf] = tuple(value) if isinstance(known[key], tuple) else value
     return config
+
+
+# Duration fields: a rerun that only makes the run longer extends it (see `nin_jax.train.save_config`).
+DURATION_FIELDS = ("num_train_steps", "num_epochs")
+
+
+def _is_number(value: object, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) if integer else math.isfinite(value)
+
+
+# (dotted field, integer?, predicate, the allowed range in words, an example fix). Every numeric field a user
+# sets; enumerations are checked where they are used (data, models, optim), also before anything is written.
+_RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
+    ("batch_size", True, lambda v: v >= 1, ">= 1", "128"),
+    ("eval_batch_size", True, lambda v: v >= 1, ">= 1", "512"),
+    ("num_train_steps", True, lambda v: True, "an integer (> 0 sets the run length, <= 0 uses num_epochs)", "-1"),
+    ("num_epochs", False, lambda v: v >= 0, ">= 0", "100"),
+    ("seed", True, lambda v: v >= 0, ">= 0", "0"),
+    ("image_size", True, lambda v: v >= 1, ">= 1 (or unset: the dataset's own size)", "32"),
+    ("zca_filter_bias", False, lambda v: v > 0, "> 0", "0.1"),
+    ("gcn_scale", False, lambda v: v > 0, "> 0", "55"),
+    ("augment.translate", True, lambda v: v >= 0, ">= 0 pixels (0 disables)", "4"),
+    ("augment.eval_resize", True, lambda v: v >= 1, ">= 1 pixels", "256"),
+    ("model.dropout_rate", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.5"),
+    ("model.fc_dropout", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.0"),
+    ("model.width", False, lambda v: v > 0, "> 0 (a multiplier on the hidden channels)", "1.0"),
+    ("model.mlp_layers", True, lambda v: v >= -1, ">= 0 1x1 layers per block, or -1 for the preset's", "-1"),
+    ("optim.learning_rate", False, lambda v: v > 0, "> 0", "0.1"),
+    ("optim.momentum", False, lambda v: 0 <= v < 1, "in [0, 1)", "0.9"),
+    ("optim.weight_decay", False, lambda v: v >= 0, ">= 0 (0 disables)", "5e-4"),
+    ("optim.bias_lr_mult", False, lambda v: v >= 0, ">= 0", "1.0"),
+    ("optim.output_lr_mult", False, lambda v: v >= 0, ">= 0", "1.0"),
+    ("optim.lr_decay", False, lambda v: v > 0, "> 0 (the LR factor at each boundary)", "0.1"),
+    ("optim.warmup_epochs", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
+    ("optim.label_smoothing", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.1"),
+    ("optim.grad_clip_norm", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
+    ("num_cpu_devices", True, lambda v: v >= 0, ">= 0 (0: one per core)", "0"),
+    ("log_every_steps", True, lambda v: v >= 1, ">= 1 steps", "50"),
+    ("eval_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
+    ("checkpoint_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
+    ("keep_checkpoints", True, lambda v: v >= 1, ">= 1", "2"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the first field whose value is out of range, and a value that works.
+
+    Called by `nin_jax.train.train_and_evaluate` before anything is written. Checks every numeric field and the
+    syntax of `model.blocks`; whether the blocks fit the images is checked once the dataset's image size is
+    known (`architectures.layer_table`).
+    """
+    fields = flatten(config)
+    for name, integer, ok, allowed, example in _RANGES:
+        if name not in fields:
+            continue
+        value = fields[name]
+        if name == "image_size" and value is None:
+            continue
+        kind = "an integer" if integer else "a number"
+        if not _is_number(value, integer):
+            raise ConfigError(f"config.{name}={value!r} must be {kind} {allowed}; set e.g. --config.{name}={example}.")
+        if not ok(value):
+            raise ConfigError(f"config.{name}={value!r} must be {allowed}; set e.g. --config.{name}={example}.")
+    boundaries = fields.get("optim.lr_boundaries_epochs") or ()
+    if not all(_is_number(b) and b >= 0 for b in boundaries) or list(boundaries) != sorted(boundaries):
+        raise ConfigError(f"config.optim.lr_boundaries_epochs={tuple(boundaries)!r} must be increasing epochs >= 0; "
+                          "set e.g. --config.optim.lr_boundaries_epochs='(100.0, 150.0)'.")
+    if fields.get("num_train_steps", 1) <= 0 and not fields.get("num_epochs", 1) > 0:
+        raise ConfigError(f"config.num_epochs={fields['num_epochs']!r} gives no training steps; set "
+                          "config.num_epochs > 0 or config.num_train_steps > 0.")
+    if fields.get("model.blocks"):
+        from nin_jax import architectures  # pylint: disable=g-import-not-at-top  (imports this module)
+
+        architectures.parse_blocks(fields["model.blocks"], num_classes=1)
 
 
 def use_caffe_solver(config: ml_collections.ConfigDict, *, learning_rate: float, weight_decay: float,

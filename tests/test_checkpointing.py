@@ -1,4 +1,8 @@
-"""Checkpoint restore: a config mismatch is reported and moves nothing; a damaged newest step is skipped."""
+"""Checkpoint restore: a config mismatch is reported and moves nothing; a damaged newest step is skipped; a
+transient read error is retried and never demotes a step; metrics are attached after a save."""
+
+import errno
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -34,3 +38,103 @@ def test_damaged_newest_step_is_moved_aside_and_the_previous_one_restored(tmp_pa
     assert meta["step"] == 1
     np.testing.assert_array_equal(state["w"], np.ones(4))
     assert (tmp_path / "2.unreadable").is_dir() and not (tmp_path / "2").exists()
+
+
+_ABSTRACT = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+
+
+def _flaky_restore(monkeypatch, failures: dict[int, list[BaseException]]):
+    """checkpointing.restore raising, for each step, the queued errors first (one per call), then reading."""
+    real, calls = checkpointing.restore, []
+
+    def restore(mngr, step, abstract_state):
+        calls.append(step)
+        if failures.get(step):
+            raise failures[step].pop(0)
+        return real(mngr, step, abstract_state)
+
+    monkeypatch.setattr(checkpointing, "restore", restore)
+    monkeypatch.setattr(checkpointing, "RESTORE_BACKOFF_S", 0.01)
+    return calls
+
+
+@pytest.mark.parametrize("error", [
+    ValueError('UNAVAILABLE: Error reading "w/.zarray" in OCDBT database at "gs://bucket/run/checkpoints/2/state/"'),
+    ValueError("DEADLINE_EXCEEDED: GCS request timed out"),
+    OSError(5, "Input/output error"),
+    TimeoutError("read timed out"),
+])
+def test_transient_read_error_is_retried_and_the_newest_step_kept_and_used(tmp_path, monkeypatch, error):
+    mngr = checkpointing.create_manager(tmp_path, keep=3)
+    _save(mngr, 1, 1.0)
+    _save(mngr, 2, 2.0)
+    calls = _flaky_restore(monkeypatch, {2: [error, error]})
+    state, meta = checkpointing.restore_latest(mngr, _ABSTRACT)
+    assert calls == [2, 2, 2] and meta["step"] == 2
+    np.testing.assert_array_equal(state["w"], np.full(4, 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2"]
+
+
+def test_persistent_transient_error_is_raised_and_moves_nothing(tmp_path, monkeypatch):
+    mngr = checkpointing.create_manager(tmp_path, keep=3)
+    _save(mngr, 1, 1.0)
+    _save(mngr, 2, 2.0)
+    error = ValueError("UNAVAILABLE: connection reset")
+    calls = _flaky_restore(monkeypatch, {2: [error] * 10})
+    with pytest.raises(checkpointing.CheckpointUnavailableError, match=r"step 2 .* could not be read in 4 attempts "
+                       r"\(ValueError: UNAVAILABLE: connection reset\); it was kept"):
+        checkpointing.restore_latest(mngr, _ABSTRACT)
+    assert calls == [2] * checkpointing.RESTORE_ATTEMPTS  # never fell back to step 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2"]
+
+
+@pytest.mark.parametrize("damage", ["truncate_arrays", "delete_item", "bad_json", "delete_metadata"])
+def test_proven_damage_moves_the_step_aside(tmp_path, damage):
+    mngr = checkpointing.create_manager(tmp_path, keep=3)
+    _save(mngr, 1, 1.0)
+    _save(mngr, 2, 2.0)
+    step = tmp_path / "2"
+    if damage == "truncate_arrays":
+        for f in (step / "state").rglob("*"):
+            if f.is_file() and "/d/" in str(f):
+                f.write_bytes(f.read_bytes()[:3])
+    elif damage == "delete_item":
+        shutil.rmtree(step / "meta")
+    elif damage == "bad_json":
+        (step / "meta" / "metadata").write_text("{not json")
+    else:
+        (step / "state" / "_METADATA").unlink()
+    state, meta = checkpointing.restore_latest(mngr, _ABSTRACT)
+    assert meta["step"] == 1
+    assert (tmp_path / "2.unreadable").is_dir()
+
+
+def test_read_errors_are_classified():
+    classify = checkpointing.classify_read_error
+    assert classify(checkpointing.CorruptCheckpointError("digest")) == "damaged"
+    assert classify(FileNotFoundError("x")) == "damaged"
+    assert classify(ValueError("NOT_FOUND: Error opening")) == "damaged"
+    assert classify(ValueError("OUT_OF_RANGE: Requested byte range [0, 209) is not valid")) == "damaged"
+    assert classify(ValueError("DATA_LOSS: checksum")) == "damaged"
+    assert classify(ValueError("UNAVAILABLE: try again")) == "transient"
+    assert classify(ConnectionResetError()) == "transient"
+    assert classify(ValueError("Structure mismatch: Target path ('x',) not found")) == "other"
+    assert checkpointing.is_disk_full(OSError(errno.ENOSPC, "No space"))
+    assert checkpointing.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Failed to write 264327 bytes to file 15: No '
+                                                 "space left on device [os_error_code='28']"))
+    assert not checkpointing.is_disk_full(OSError(errno.EIO, "Input/output error"))
+
+
+def test_metrics_attached_after_a_save_are_read_back_and_rank_the_best_step(tmp_path):
+    """A step saved without metrics, evaluated, then `attach_metrics`: what `--checkpoint=best` and the best-step
+    preservation see, in this manager and in a new one."""
+    mngr = checkpointing.create_manager(tmp_path, keep=1)
+    for step, top1 in ((1, 0.9), (2, 0.5), (3, 0.7)):
+        _save(mngr, step, float(step))
+        assert mngr.metrics(step) is None
+        checkpointing.attach_metrics(mngr, step, {checkpointing.BEST_METRIC: top1})
+        assert mngr.metrics(step) == {checkpointing.BEST_METRIC: top1}
+    _save(mngr, 4, 4.0)  # keeps the latest (4) and the best (1); 2 and 3 go
+    assert sorted(mngr.all_steps()) == [1, 4]
+    again = checkpointing.create_manager(tmp_path, keep=1, read_only=True)
+    assert again.metrics(1) == {checkpointing.BEST_METRIC: 0.9} and again.metrics(4) is None

@@ -1,10 +1,13 @@
-"""Every shipped config loads, names a known dataset and model, and splits evenly over 8 devices."""
+"""Every shipped config loads, names a known dataset and model, and splits evenly over 8 devices; the range
+checks of `config.validate` and of the block list."""
 
 import importlib
 
 import pytest
 
-from nin_jax import architectures, data, optim
+from config_helpers import with_overrides
+from nin_jax import architectures, config as config_lib, data, optim, train
+from nin_jax.config import ConfigError
 
 CONFIGS = [("digits", None), ("default", None), ("cifar10", None), ("cifar10", "modern"), ("cifar100", None),
            ("svhn", None), ("mnist", None), ("imagenet", None)]
@@ -37,3 +40,69 @@ def test_caffe_cifar10_recipe_is_the_model_zoo_solver():
 def test_unknown_config_argument_is_rejected():
     with pytest.raises(ValueError, match="cifar10.py:fast"):
         _load("cifar10", "fast")
+
+
+@pytest.mark.parametrize("name, arg", CONFIGS)
+def test_shipped_configs_pass_the_range_checks(name, arg):
+    config_lib.validate(_load(name, arg))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.dropout_rate", 1.0), ("model.dropout_rate", -0.1), ("model.fc_dropout", 1.5),
+    ("log_every_steps", 0), ("eval_every_steps", 0), ("checkpoint_every_steps", -5), ("keep_checkpoints", 0),
+    ("batch_size", 0), ("eval_batch_size", -8), ("optim.learning_rate", 0.0), ("optim.learning_rate", float("nan")),
+    ("optim.momentum", 1.0), ("optim.label_smoothing", 1.0), ("optim.weight_decay", -1e-4),
+    ("optim.warmup_epochs", -1.0), ("optim.lr_decay", 0.0), ("optim.grad_clip_norm", -1.0),
+    ("zca_filter_bias", 0.0), ("gcn_scale", -55.0), ("augment.translate", -1), ("image_size", 0),
+    ("model.width", 0.0), ("model.mlp_layers", -2), ("num_epochs", -1.0), ("optim.lr_boundaries_epochs", (5.0, 2.0)),
+    ("seed", -1), ("augment.eval_resize", 0),
+])
+def test_out_of_range_field_is_one_line_naming_the_field_and_a_fix(field, value):
+    config = with_overrides(_load("digits", None), **{field.replace(".", "__"): value})
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert f"config.{field}=" in message and "\n" not in message
+    assert "set e.g. --config." in message
+
+
+@pytest.mark.parametrize("blocks, what", [
+    ("3:32-0-C", "width 0"), ("0:32-C", "kernel 0"), ("3s0:32-C", "stride 0"),
+])
+def test_block_list_with_a_zero_width_kernel_or_stride_is_rejected(blocks, what):
+    config = with_overrides(_load("digits", None), model__blocks=blocks)
+    with pytest.raises(ConfigError, match=f"config.model.blocks: block 1 .* has {what}"):
+        config_lib.validate(config)
+
+
+def test_blocks_that_pool_the_image_to_nothing_name_the_block():
+    blocks = architectures.parse_blocks("3:16:max, 3:16:max, 3:16:max, 3:16:max, 3:C", num_classes=10)
+    architectures.layer_table(blocks[:3] + blocks[4:], (8, 8, 1), num_classes=10)  # 8 -> 4 -> 2 -> 1: fits
+    with pytest.raises(ConfigError, match=r"block 4 '3:16:max' leaves nothing of the 8x8 images after its max "
+                       r"pooling \(0x0\)"):
+        architectures.layer_table(blocks, (8, 8, 1), num_classes=10)
+
+
+def test_train_rejects_a_bad_value_before_writing_anything(tmp_path):
+    workdir = tmp_path / "never_created"
+    with pytest.raises(ConfigError, match="config.model.dropout_rate=1.0"):
+        train.train_and_evaluate(with_overrides(_load("digits", None), model__dropout_rate=1.0), str(workdir))
+    assert not workdir.exists()
+
+
+def test_train_rejects_blocks_too_deep_for_the_images_before_writing_the_record(tmp_path):
+    config = with_overrides(_load("digits", None), model__blocks="3:16:max, 3:16:max, 3:16:max, 3:16:max, 3:16-C",
+                            cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="block 4 '3:16:max' leaves nothing of the 8x8 images"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "config.json").exists() and not (tmp_path / "w" / "lock").exists()
+
+
+@pytest.mark.parametrize("arch", sorted(architectures.PRESETS))
+def test_presets_emit_one_class_map_per_class_of_the_dataset(arch):
+    for num_classes in (3, 10, 37):
+        model_cfg = config_lib.get_config().model
+        model_cfg.arch = arch
+        blocks = architectures.resolve_blocks(model_cfg, num_classes)
+        assert blocks[-1].widths[-1] == num_classes
+        assert blocks[:-1] == architectures.PRESETS[arch]["blocks"][:-1]  # everything else is the preset's
