@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from nin_jax import architectures, checkpointing, config as config_lib, data, hardware, mesh as mesh_lib, models, optim
 from nin_jax.config import ConfigError
+from nin_jax.data import run_record
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", and resumable by rerunning the command
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT (Ctrl-C): also resumable by rerunning the command
@@ -722,7 +723,10 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
     mesh = mesh_lib.create_mesh()
     is_chief = jax.process_index() == 0
 
-    pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
+    # A run normalises with the statistics it saved at its first start (the cache or the data may be gone).
+    recorded = run_record.load(workdir_path)
+    pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh),
+                             normalizer=None if recorded is None else recorded.normalizer)
     info = pipeline.info
     model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config),
                                 cpu_kernels=config.cpu_kernels)
@@ -732,6 +736,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch, num_steps)
     saved_config = check_identity(config, workdir_path)
     extended_from = save_config(config, workdir_path, steps_per_epoch)
+    if recorded is None and is_chief:
+        run_record.save(workdir_path, pipeline, config)
 
     mngr = checkpointing.create_manager(workdir_path / "checkpoints", keep=config.keep_checkpoints)
     abstract = abstract_train_state(config, model, info.image_shape, lr_fn, mesh)

@@ -165,9 +165,9 @@ def test_partial_restore_reads_parameters_and_batch_stats_only(trained, monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="preprocessing not yet saved in the workdir")
-def test_predict_works_after_the_training_data_and_caches_are_deleted(trained, run, tmp_path):
-    """A copy of the run whose training split, fitted-statistics caches and ~/.cache are gone."""
+def test_predict_and_evaluate_work_after_the_training_data_and_caches_are_deleted(trained, run, tmp_path):
+    """A copy of the run whose training split, fitted-statistics caches and ~/.cache are gone: the run's
+    own record of its preprocessing (preprocessing.npz, dataset.json) is all that is needed."""
     workdir, data_dir, cache_dir = tmp_path / "run", tmp_path / "data", tmp_path / "cache"
     shutil.copytree(trained["workdir"], workdir)
     shutil.copytree(trained["data_dir"], data_dir)
@@ -187,6 +187,13 @@ def test_predict_works_after_the_training_data_and_caches_are_deleted(trained, r
     for row, p in zip((json.loads(line) for line in proc.stdout.strip().splitlines()), probs):
         for t in row["top"]:
             assert t["probability"] == pytest.approx(float(p[t["index"]]), rel=1e-6, abs=1e-7)
+    proc = subprocess.run([sys.executable, "-m", "nin_jax.evaluate", f"--workdir={workdir}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated, final = json.loads(proc.stdout.strip().splitlines()[-1]), json.loads(
+        (workdir / "results.json").read_text())
+    assert (evaluated["eval/top1"], evaluated["num_examples"]) == (final["eval/top1"], final["eval/num_examples"])
+    assert evaluated["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-6)
 
 
 def test_images_of_any_size_and_kind(run, trained, tmp_path):

@@ -92,11 +92,11 @@ def test_caffe_sgd_applies_lr_before_momentum_with_per_layer_multipliers():
 
 def test_modern_schedule_warms_up_then_decays_to_zero():
     config = small_config()
-    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=400)
     warm = int(config.optim.warmup_epochs * 10)
     assert float(lr_fn(0)) == 0.0
     assert float(lr_fn(warm)) == pytest.approx(config.optim.learning_rate)
-    assert float(lr_fn(100)) == pytest.approx(0.0, abs=1e-7)
+    assert float(lr_fn(400)) == pytest.approx(0.0, abs=1e-7)
 
 
 def _learning_config():

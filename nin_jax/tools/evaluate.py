@@ -23,6 +23,7 @@ import ml_collections
 
 from nin_jax import data, mesh as mesh_lib, train
 from nin_jax.config import ConfigError
+from nin_jax.data import run_record
 from nin_jax.cpu import hostenv
 from nin_jax.tools import restore
 
@@ -47,7 +48,12 @@ def restore_for_evaluation(workdir: str, *, checkpoint: str = "latest", arch: st
     config = ml_collections.ConfigDict(config.to_dict())
     config.eval_batch_size = _round_up(config.eval_batch_size, n)
     config.batch_size = _round_up(config.batch_size, n)
-    pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
+    # The run's saved normaliser: the training split need not exist (runs older than the record refit it).
+    record = run_record.load(workdir)
+    if record is None:
+        pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
+    else:
+        pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh), normalizer=record.normalizer, train=False)
     prep = restore.Preprocessing.from_pipeline(pipeline, config)
     run = restore.load_run(workdir, checkpoint, config=config, mesh=mesh, preprocessing=prep)
     return run, pipeline

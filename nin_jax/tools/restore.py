@@ -43,6 +43,7 @@ from PIL import Image
 from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
 from nin_jax.checkpointing import CheckpointError
 from nin_jax.config import ConfigError
+from nin_jax.data import run_record
 
 CHECKPOINT_CHOICES = "latest | best | a step number"
 # Digest of the restored subtree {"params", "batch_stats"} (`checkpointing.state_digest` of that dict), in a
@@ -323,13 +324,17 @@ class Preprocessing:
     @classmethod
     def from_pipeline(cls, pipeline: Any, config: ml_collections.ConfigDict) -> "Preprocessing":
         return cls(
-            # `Pipeline.normalizer` where the data layer exposes it, its private field before.
-            normalizer=getattr(pipeline, "normalizer", None) or pipeline._normalizer,  # pylint: disable=W0212
+            normalizer=pipeline.normalizer,
             image_shape=tuple(int(d) for d in pipeline.info.image_shape),
             class_names=tuple(pipeline.info.class_names),
-            fit="center_crop" if _decodes_per_example(config) else "resize",
+            fit="center_crop" if data.uses_per_example(config) else "resize",
             eval_resize=int(config.augment.eval_resize),
         )
+
+    @classmethod
+    def from_record(cls, record: run_record.RunData) -> "Preprocessing":
+        return cls(normalizer=record.normalizer, image_shape=record.image_shape, class_names=record.class_names,
+                   fit="center_crop" if record.per_example else "resize", eval_resize=record.eval_resize)
 
     def describe_fit(self) -> str:
         h, w, c = self.image_shape
@@ -340,19 +345,15 @@ class Preprocessing:
         return f"{colour}; the whole image resized to {h}x{w} (bilinear) unless it is already that size"
 
 
-def _decodes_per_example(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run's data path decodes each image with a crop (ImageNet, folders with random-resized crops)."""
-    return config.dataset == "imagenet2012" or (config.dataset == "image_folder"
-                                                 and bool(config.augment.random_resized_crop))
-
-
 def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preprocessing:
     """The run's fitted normaliser, model input shape and class names: the one place they are obtained.
 
-    Today they come from rebuilding the data pipeline, which refits (or reads the cached fit of) the
-    normaliser from the run's training split, so the training data must still be readable.
+    From the record training wrote into the workdir (`data.run_record`); for a run older than that record,
+    by rebuilding the data pipeline, which refits the normaliser from the (then required) training split.
     """
-    del workdir  # the fitted preprocessing is not saved in the workdir yet
+    record = run_record.load(workdir)
+    if record is not None:
+        return Preprocessing.from_record(record)
     mesh = jax.make_mesh((1,), (mesh_lib.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.local_devices()[:1])
     config = ml_collections.ConfigDict(config.to_dict())
