@@ -200,7 +200,7 @@ class _PerExample:
         self._config, self._source = config, source
         self._workers = workers
         self._pool: workers_lib.DecodePool | None = None
-        # Reads run in threads: remote storage (ArrayRecord on gs://) needs many requests in flight.
+        # Storage reads run in threads: remote storage (ArrayRecord on gs://) needs many requests in flight.
         self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="nin_jax-read")
         self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
         self._channels = 3 if config.dataset == "imagenet2012" else None
@@ -234,7 +234,10 @@ class _PerExample:
     def _submit(self, split: _ExampleSplit, indices: np.ndarray, seeds: np.ndarray | None) -> _Pending:
         if self._pool is None:
             self._pool = workers_lib.DecodePool(self._workers)
-        reads = list(self._readers.map(split.read, indices))
+        if any(examples.io_bound for examples in split.examples):
+            reads = list(self._readers.map(split.read, indices))
+        else:  # a lookup: handing it to threads would cost more than it does
+            reads = [split.read(j) for j in indices]
         seeds = [None] * len(reads) if seeds is None else [int(s) for s in seeds]
         items = [(encoded, name, seed) for (encoded, _, name), seed in zip(reads, seeds)]
         spec = decode.CropSpec(self._size, self._channels, bool(self._config.augment.flip),
@@ -256,7 +259,9 @@ def _pixel_lookup(table: np.ndarray, sharding: jax.sharding.NamedSharding) -> Ca
 
     @functools.partial(jax.jit, out_shardings=sharding)
     def lookup(images: jax.Array) -> jax.Array:
-        return jnp.asarray(table)[images.astype(jnp.int32), jnp.arange(channels)]
+        # A 1-D take from the flattened table: half the cost of a two-index gather on XLA:CPU (measured).
+        flat = images.astype(jnp.int32) * channels + jnp.arange(channels)
+        return jnp.take(jnp.asarray(table.reshape(-1)), flat, mode="clip")  # in range by construction
 
     return lookup
 

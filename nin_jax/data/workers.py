@@ -16,12 +16,13 @@ import numpy as np
 
 from nin_jax.data import decode
 
+_MAX_THREADS = 64  # beyond this the GIL binds: use worker processes
 Item = tuple[bytes | str, str, int | None]  # (encoded image or path, name for messages, crop seed or None)
 
 
 class DecodePool:
-    """Decodes batches of `Item`s with `decode.decode_crops` on ``workers`` processes, or on one thread per
-    core of this process when ``workers`` is 0."""
+    """Decodes batches of `Item`s with `decode.decode_crops` on ``workers`` processes, or on threads of this
+    process when ``workers`` is 0."""
 
     def __init__(self, workers: int):
         if workers < 0:
@@ -34,9 +35,11 @@ class DecodePool:
             )
             self._tasks_per_batch = 2 * workers  # two chunks per worker per batch balance the load
         else:
-            threads = os.cpu_count() or 1
+            # More runnable threads than cores keep decoding going while other threads (the producer, XLA's, other
+            # jobs on a shared host) run too, as tf.data's many threads do (measurements in docs/input.md).
+            threads = min(4 * (os.cpu_count() or 1), _MAX_THREADS)
             self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="nin_jax-decode")
-            self._tasks_per_batch = 4 * threads  # threads share memory: small chunks cost nothing to hand over
+            self._tasks_per_batch = 2 * threads  # threads share memory: small chunks cost nothing to hand over
 
     def submit(self, items: Sequence[Item], spec: decode.CropSpec) -> PendingBatch:
         """Starts decoding ``items`` (in order) into one uint8 [len(items), size, size, C] array."""
