@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
     config.cpu_kernels = True  # on the CPU backend only: nin_jax.cpu's conv/pooling kernels and huge pages
     config.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
+    config.input_workers = 0  # large images: decode worker processes (0: threads, best up to a few cores)
     config.log_every_steps = 50
     config.eval_every_steps = 1000  # also evaluates at the end
     config.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
@@ -89,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
 # Fields that change how a run executes but not what it computes (results are equal, tested), or where its
 # data lives: a resumed run may change them. Every other field is part of the experiment's identity.
 EXECUTION_FIELDS = frozenset({
-    "data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices",
+    "data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices", "input_workers",
     "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "profile",
 })
 

@@ -6,8 +6,9 @@
 
 Modules: `order` (which examples and augmentation each process reads at each step), `sources` (datasets
 behind one interface), `decode` (PIL decoding and crops), `transforms` (translate + flip), `preprocessing`
-(normalisers, fitted and cached), `cache` (the per-process memo), `loader` (the Pipeline and its two paths:
-in memory and per example), `prefetch` (background assembly into `jax.Array`s). See docs/input.md.
+(normalisers, fitted and cached), `cache` (the per-process memo), `workers` (the decode pool of large images),
+`loader` (the Pipeline and its two paths: in memory and per example), `prefetch` (background placement on the
+devices). See docs/input.md.
 """
 
 from nin_jax.data.cache import PROCESS_CACHE, Cache

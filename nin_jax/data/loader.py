@@ -13,27 +13,31 @@ Evaluation visits every example exactly once: the last batch is padded and its p
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from nin_jax.config import ConfigError
 from nin_jax.data import decode, order, prefetch, preprocessing, sources, transforms
+from nin_jax.data import workers as workers_lib
 from nin_jax.data.cache import PROCESS_CACHE, Cache
 
 _DEFAULT_CACHE_DIR = "~/.cache/nin_jax"
 _DEFAULT_LARGE_IMAGE_SIZE = 224
 _STANDARDIZE_FIT_EXAMPLES = 2000  # decoded examples used to fit per-channel stats of a large-image dataset
 _NORMALIZE_CHUNK = 2048  # rows normalised per task when a whole split is normalised
+_READ_THREADS = 16  # concurrent example reads of the per-example path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,13 @@ def check_batch_layout(sharding: jax.sharding.NamedSharding, batch: int, field: 
         )
 
 
+class _Pending:
+    """A host batch being built: ``result()`` waits for it, ``cancel()`` drops it."""
+
+    def __init__(self, result: Callable[[], dict[str, np.ndarray]], cancel: Callable[[], None] = lambda: None):
+        self.result, self.cancel = result, cancel
+
+
 # --------------------------------------------------------------------------------------------------------------
 # In-memory path.
 
@@ -99,8 +110,8 @@ class _ArraySplit:
 
 
 class _InMemory:
-    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, cache: Cache, pool_map: Callable):
-        self._config, self._source, self._cache, self._map = config, source, cache, pool_map
+    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, cache: Cache):
+        self._config, self._source, self._cache = config, source, cache
         self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
 
     def open(self, split: str, field: str) -> _ArraySplit:
@@ -128,11 +139,20 @@ class _InMemory:
 
         def build() -> np.ndarray:
             starts = range(0, len(base.images), _NORMALIZE_CHUNK)
-            return np.concatenate(self._map(lambda s: normalizer(base.images[s : s + _NORMALIZE_CHUNK]), starts))
+            return np.concatenate(sources.map_threads(lambda s: normalizer(base.images[s : s + _NORMALIZE_CHUNK]), starts))
 
         return self._cache.get(("normalized", base.key, normalizer.fingerprint), build)
 
-    def train_examples(self, split: _ArraySplit, indices: np.ndarray, step: int, rows: slice) -> dict[str, np.ndarray]:
+    def submit_train(self, split: _ArraySplit, indices: np.ndarray, step: int, rows: slice) -> _Pending:
+        return _Pending(lambda: self._train_examples(split, indices, step, rows))
+
+    def submit_eval(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> _Pending:
+        return _Pending(lambda: self._eval_examples(split, indices, with_raw))
+
+    def close(self) -> None:
+        pass  # the arrays stay in the cache
+
+    def _train_examples(self, split: _ArraySplit, indices: np.ndarray, step: int, rows: slice) -> dict[str, np.ndarray]:
         config = self._config
         positions = split.index[indices]
         images = split.normalized[positions]
@@ -142,7 +162,7 @@ class _InMemory:
             images = transforms.translate_and_flip(images, offset_y[rows], offset_x[rows], flips[rows], translate)
         return {"image": images, "label": split.labels[positions]}
 
-    def eval_examples(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
+    def _eval_examples(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
         positions = split.index[indices]
         out = {"image": split.normalized[positions], "label": split.labels[positions]}
         if with_raw:
@@ -159,7 +179,7 @@ class _ExampleSplit:
     examples: tuple[sources.Examples, ...]
     offsets: np.ndarray  # start of each base in their concatenation
     index: np.ndarray  # [N] positions of the split in that concatenation
-    normalizer: preprocessing.Normalizer | None = None  # applied to each decoded batch
+    normalizer: preprocessing.Normalizer | None = None  # applied on the devices by a pixel table lookup
 
     def __len__(self) -> int:
         return len(self.index)
@@ -171,13 +191,17 @@ class _ExampleSplit:
 
 
 class _PerExample:
-    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, pool_map: Callable):
+    def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, workers: int):
         if config.preprocess not in ("scale", "standardize"):
             raise ConfigError(
                 f"config.preprocess={config.preprocess!r} needs the whole dataset in memory; use 'standardize' or "
                 f"'scale' for {config.dataset} with per-example decoding"
             )
-        self._config, self._source, self._map = config, source, pool_map
+        self._config, self._source = config, source
+        self._workers = workers
+        self._pool: workers_lib.DecodePool | None = None
+        # Storage reads run in threads: remote storage (ArrayRecord on gs://) needs many requests in flight.
+        self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="nin_jax-read")
         self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
         self._channels = 3 if config.dataset == "imagenet2012" else None
         self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
@@ -196,42 +220,71 @@ class _PerExample:
     def fit_images(self, split: _ExampleSplit) -> np.ndarray:
         # Statistics of center crops of evenly spaced training examples.
         picks = np.linspace(0, len(split) - 1, min(len(split), _STANDARDIZE_FIT_EXAMPLES)).astype(int)
-        return np.stack([image for image, _ in self._map(lambda j: self._decode_eval(split, j), list(picks))])
+        return self._submit(split, picks, None).result()["image"]
 
     def normalize(self, split: _ExampleSplit, normalizer: preprocessing.Normalizer) -> _ExampleSplit:
         return dataclasses.replace(split, normalizer=normalizer)
 
-    def train_examples(self, split: _ExampleSplit, indices: np.ndarray, step: int, rows: slice) -> dict[str, np.ndarray]:
-        seeds = order.example_seeds(self._config.seed, step, self._config.batch_size)[rows]
-        decoded = self._map(lambda args: self._decode_train(split, *args), list(zip(indices, seeds)))
-        images = split.normalizer(np.stack([image for image, _ in decoded]))
-        return {"image": images, "label": np.array([label for _, label in decoded], np.int32)}
+    def submit_train(self, split: _ExampleSplit, indices: np.ndarray, step: int, rows: slice) -> _Pending:
+        return self._submit(split, indices, order.example_seeds(self._config.seed, step, self._config.batch_size)[rows])
 
-    def eval_examples(self, split: _ExampleSplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
-        decoded = self._map(lambda j: self._decode_eval(split, j), list(indices))
-        raw = np.stack([image for image, _ in decoded])
-        out = {"image": split.normalizer(raw), "label": np.array([label for _, label in decoded], np.int32)}
-        if with_raw:
-            out["raw"] = raw
-        return out
+    def submit_eval(self, split: _ExampleSplit, indices: np.ndarray, with_raw: bool) -> _Pending:
+        return self._submit(split, indices, None)  # the raw images are the uint8 batch itself (see Pipeline)
 
-    def _decode_train(self, split: _ExampleSplit, j: int, seed: int) -> tuple[np.ndarray, int]:
-        encoded, label, name = split.read(j)
-        image = decode.decode_crop(
-            encoded, name, self._size, self._channels, rng=np.random.default_rng(seed),
-            flip=self._config.augment.flip, eval_resize=self._config.augment.eval_resize,
-        )
-        return image, label
+    def _submit(self, split: _ExampleSplit, indices: np.ndarray, seeds: np.ndarray | None) -> _Pending:
+        if self._pool is None:
+            self._pool = workers_lib.DecodePool(self._workers)
+        if any(examples.io_bound for examples in split.examples):
+            reads = list(self._readers.map(split.read, indices))
+        else:  # a lookup: handing it to threads would cost more than it does
+            reads = [split.read(j) for j in indices]
+        seeds = [None] * len(reads) if seeds is None else [int(s) for s in seeds]
+        items = [(encoded, name, seed) for (encoded, _, name), seed in zip(reads, seeds)]
+        spec = decode.CropSpec(self._size, self._channels, bool(self._config.augment.flip),
+                               self._config.augment.eval_resize)
+        labels = np.array([label for _, label, _ in reads], np.int32)
+        pending = self._pool.submit(items, spec)
+        return _Pending(lambda: {"image": pending.result(), "label": labels}, pending.cancel)
 
-    def _decode_eval(self, split: _ExampleSplit, j: int) -> tuple[np.ndarray, int]:
-        encoded, label, name = split.read(j)
-        image = decode.decode_crop(
-            encoded, name, self._size, self._channels, rng=None, flip=False, eval_resize=self._config.augment.eval_resize
-        )
-        return image, label
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
+
+
+def _pixel_lookup(table: np.ndarray, sharding: jax.sharding.NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """uint8 [B, H, W, C] -> float32 ``table[x, c]`` on the devices: the normaliser's exact output, computed
+    where the batch already is, so the host decodes and transfers uint8 only (a quarter of the bytes)."""
+    channels = table.shape[1]
+
+    @functools.partial(jax.jit, out_shardings=sharding)
+    def lookup(images: jax.Array) -> jax.Array:
+        # A 1-D take from the flattened table: half the cost of a two-index gather on XLA:CPU (measured).
+        flat = images.astype(jnp.int32) * channels + jnp.arange(channels)
+        return jnp.take(jnp.asarray(table.reshape(-1)), flat, mode="clip")  # in range by construction
+
+    return lookup
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+
+_LOOKAHEAD = 2  # host batches submitted to the decode pool ahead of the one being placed on the devices
+
+
+def _ahead(pendings: Iterator[_Pending]) -> Iterator[dict[str, np.ndarray]]:
+    """Results of ``pendings`` in order, keeping `_LOOKAHEAD` more submitted so that the pool never idles."""
+    queued: collections.deque[_Pending] = collections.deque()
+    try:
+        for pending in pendings:
+            queued.append(pending)
+            if len(queued) > _LOOKAHEAD:
+                yield queued.popleft().result()
+        while queued:
+            yield queued.popleft().result()
+    finally:
+        for pending in queued:
+            pending.cancel()
 
 
 class Pipeline:
@@ -246,6 +299,8 @@ class Pipeline:
         ``normalizer`` when ``config.preprocess`` is fitted; ``steps_per_epoch`` and ``num_train_examples`` are
         None and ``train_batches`` is unavailable.
       cache: where decoded and normalised splits are kept (default: shared by every Pipeline of the process).
+      workers: large images only: decode in this many worker processes, or with 0 in threads of this process
+        (default: ``config.input_workers`` if the config has it, else 0). Batches do not depend on it.
     """
 
     def __init__(
@@ -256,6 +311,7 @@ class Pipeline:
         normalizer: preprocessing.Normalizer | None = None,
         train: bool = True,
         cache: Cache | None = None,
+        workers: int | None = None,
     ):
         if config.preprocess not in preprocessing.PREPROCESS_CHOICES:
             raise ConfigError(
@@ -283,8 +339,9 @@ class Pipeline:
                 "config.augment.random_resized_crop is for large-image datasets (imagenet2012, image_folder); "
                 f"use augment.translate / augment.flip for {config.dataset}"
             )
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._path = _PerExample(config, source, self._map) if per_example else _InMemory(config, source, self._cache, self._map)
+        if workers is None:
+            workers = int(config.input_workers)
+        self._path = _PerExample(config, source, workers) if per_example else _InMemory(config, source, self._cache)
 
         # Seconds spent in each setup stage (zero when served from the process cache), for the input benchmark.
         self.setup_seconds: dict[str, float] = {}
@@ -301,6 +358,8 @@ class Pipeline:
         else:
             normalizer.check_input(image_shape, "the given normaliser")
         self.normalizer = normalizer
+        table = normalizer.pixel_table(image_shape[-1]) if per_example else None
+        self._lookup = None if table is None else _pixel_lookup(table, sharding)
         self.setup_seconds["fit"] = time.perf_counter() - start
         start = time.perf_counter()
         first = self._path.normalize(first, normalizer)
@@ -342,10 +401,10 @@ class Pipeline:
                     len(train), config.batch_size, step, config.seed,
                     process_index=self._process_index, process_count=self._process_count,
                 )
-                yield self._path.train_examples(train, indices, step, rows)
+                yield self._path.submit_train(train, indices, step, rows)
                 step += 1
 
-        return prefetch.prefetch(host_batches(), self._sharding, config.batch_size)
+        return prefetch.prefetch(_ahead(host_batches()), self._sharding, config.batch_size, self._on_device(False))
 
     def eval_batches(self, split: str | None = None, *, with_raw: bool = False) -> Iterator[dict[str, jax.Array]]:
         """One pass over ``split`` (default config.eval_split), every example exactly once.
@@ -361,9 +420,10 @@ class Pipeline:
                 indices, mask = order.eval_indices(
                     len(opened), batch, b, process_index=self._process_index, process_count=self._process_count
                 )
-                yield {**self._path.eval_examples(opened, indices, with_raw), "mask": mask}
+                pending = self._path.submit_eval(opened, indices, with_raw)
+                yield _Pending(lambda pending=pending, mask=mask: {**pending.result(), "mask": mask}, pending.cancel)
 
-        return prefetch.prefetch(host_batches(), self._sharding, batch)
+        return prefetch.prefetch(_ahead(host_batches()), self._sharding, batch, self._on_device(with_raw))
 
     def data_position(self, step: int) -> dict[str, int]:
         """Where training ``step`` reads: {'epoch': e, 'index_in_epoch': first example's position in the epoch}."""
@@ -371,7 +431,22 @@ class Pipeline:
         epoch, k = divmod(step, self.steps_per_epoch)
         return {"epoch": epoch, "index_in_epoch": k * self._config.batch_size}
 
+    def close(self) -> None:
+        """Stops the decode workers (large images); the Pipeline's batch iterators must be finished or closed."""
+        self._path.close()
+
     # ---- helpers
+
+    def _on_device(self, with_raw: bool) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None:
+        """Large images arrive as uint8 and are normalised on the devices (kept as 'raw' if ``with_raw``)."""
+        if self._lookup is None:
+            return None
+
+        def normalize(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+            raw = {"raw": batch["image"]} if with_raw else {}
+            return {**batch, "image": self._lookup(batch["image"]), **raw}
+
+        return normalize
 
     def _require_train(self) -> Any:
         if self._train is None:
@@ -403,8 +478,3 @@ class Pipeline:
                 gcn_scale=config.gcn_scale,
             ),
         )
-
-    def _map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
-        return list(self._pool.map(fn, items))

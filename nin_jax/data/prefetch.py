@@ -6,7 +6,7 @@ import atexit
 import queue
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -37,9 +37,13 @@ _END = object()
 
 
 def prefetch(
-    host_batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, global_batch: int
+    host_batches: Iterator[dict[str, np.ndarray]],
+    sharding: jax.sharding.NamedSharding,
+    global_batch: int,
+    on_device: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
 ) -> Iterator[dict[str, jax.Array]]:
-    """Runs ``host_batches`` (this process's rows) in a thread that also places each batch on the devices.
+    """Runs ``host_batches`` (this process's rows) in a thread that also places each batch on the devices and
+    applies ``on_device`` to it there.
 
     Errors raised while producing are re-raised by the returned iterator; closing or dropping it stops the thread.
     """
@@ -62,12 +66,16 @@ def prefetch(
                     k: jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
                     for k, v in batch.items()
                 }
+                if on_device is not None:
+                    arrays = on_device(arrays)
                 if not put(arrays):
                     return
             put(_END)
         except BaseException as e:  # pylint: disable=broad-except  # re-raised in the consumer
             put(_Failure(e))
         finally:
+            if hasattr(host_batches, "close"):
+                host_batches.close()  # a generator's cleanup (e.g. cancelling submitted work) runs now
             _PRODUCERS.discard((stop, threading.current_thread()))
 
     def consume() -> Iterator[dict[str, jax.Array]]:

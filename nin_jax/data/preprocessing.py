@@ -114,6 +114,15 @@ class Normalizer:
             return lecun_lcn(global_contrast_normalize(images, scale=1.0))
         raise ValueError(f"unknown normalisation method {self.method!r}")
 
+    def pixel_table(self, channels: int) -> np.ndarray | None:
+        """float32 [256, channels]: the output for each uint8 value of each channel, for methods that map every
+        pixel on its own (``scale``, ``standardize``); None for the per-image methods. Looking pixels up in this
+        table gives exactly ``self(images)``, on any device."""
+        if self.method not in ("scale", "standardize"):
+            return None
+        values = np.repeat(np.arange(256, dtype=np.uint8)[:, None, None, None], channels, axis=-1)
+        return self(values).reshape(256, channels)
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """Identifies the mapping by value (method, settings, statistics): a key for normalised arrays."""

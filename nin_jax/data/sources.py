@@ -45,6 +45,8 @@ class Arrays:
 class Examples(Protocol):
     """Random access to a base split's encoded examples; picklable, so worker processes can read it."""
 
+    io_bound: bool  # whether `read` waits on storage (then many reads should be in flight)
+
     def __len__(self) -> int: ...
 
     def read(self, i: int) -> tuple[bytes | str, int, str]:
@@ -53,6 +55,7 @@ class Examples(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class FileExamples:
+    io_bound = False  # `read` returns the path; the decoder reads the file
     paths: tuple[str, ...]
     labels: np.ndarray  # int32 [N]
 
@@ -65,6 +68,7 @@ class FileExamples:
 
 @dataclasses.dataclass(frozen=True)
 class TfdsExamples:
+    io_bound = True
     source: Any  # tfds.data_source with the image left encoded
     dataset: str
     split: str
