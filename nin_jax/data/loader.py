@@ -300,7 +300,7 @@ class Pipeline:
         None and ``train_batches`` is unavailable.
       cache: where decoded and normalised splits are kept (default: shared by every Pipeline of the process).
       workers: large images only: decode in this many worker processes, or with 0 in threads of this process
-        (default: ``config.input_workers`` if the config has it, else 0). Batches do not depend on it.
+        (default: ``config.input_workers``). Batches do not depend on it.
     """
 
     def __init__(
