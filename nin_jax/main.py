@@ -122,6 +122,7 @@ def main(argv):
     from nin_jax.cpu import hostenv  # pylint: disable=g-import-not-at-top
 
     try:
+        config_lib.validate(config)  # also done by train_and_evaluate; here before the host set-up uses it
         hostenv.prepare(config)
         mesh.maybe_initialize_distributed()
     except ConfigError as e:
