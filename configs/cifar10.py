@@ -9,8 +9,12 @@ momentum 0.9, base LR 0.1, weight decay 1e-4 on weights, bias LR x2, cccp6 LR x0
 iterations, 120k iterations of batch 128 (~307 epochs). The paper's 8.81% adds translation + flipping
 (`--config.augment.translate=... --config.augment.flip=True`; the amount is not stated, maxout used 8 px of
 padding with random crops).
-`:modern`: BatchNorm, He init, per-channel standardisation, 4-px translation + flip, cosine LR with warmup
-and label smoothing, 200 epochs; expected about 92% (the Torch NIN-with-BN reference reaches 92%).
+`:modern`: BatchNorm, PyTorch's default init (U(+-1/sqrt(fan_in))), pool2 average, per-channel
+standardisation, 4-px translation + flip, cosine LR with warmup (capped at a tenth of a short run) and
+label smoothing, 200 epochs; expected about 92% (the Torch NIN-with-BN reference reaches 92%; not measured
+here at that budget). At 400 steps of batch 128 on 45,000 CIFAR-10 training images (warmup 0, no label
+smoothing, no Nesterov) it reached 63.3% / 62.2% on the 5,000 held out (seeds 0 / 1), against 62.3% /
+62.9% for a PyTorch NIN+BN trainer with the same recipe.
 
 Expected runtime: the caffe recipe is 120k steps x 128 images x 1.305 GFLOP = 20 PFLOP of model compute,
 i.e. about 20 minutes on one TPU v4 chip at 15% MFU (an estimate from analytic FLOPs, not a measurement);
@@ -45,7 +49,10 @@ def get_config(recipe: str = "caffe"):
         config.augment.translate = 4
         config.augment.flip = True
         config.model.batch_norm = True
-        config.model.init = "he"
+        # Measured at a 400-step budget against a PyTorch NIN+BN trainer (README, "Short budgets"): PyTorch's
+        # default init and average pooling after block 2 closed a 6-point gap that He init and max pooling left.
+        config.model.init = "pytorch"
+        config.model.pool2 = "avg"
         config.optim.learning_rate = 0.1
         config.optim.nesterov = True
         config.optim.weight_decay = 5e-4

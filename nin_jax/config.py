@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dropout_rate = 0.5  # after every block but the last
     config.model.pool2 = "preset"  # preset (max, cuda-convnet) | max | avg (the Caffe model-zoo gist)
     config.model.class_map_relu = True  # ReLU on the class maps, as in every original config
-    config.model.init = "he"  # he | caffe (the original per-layer Gaussian stds)
+    config.model.init = "he"  # he | caffe (the original per-layer Gaussian stds) | pytorch (U(+-1/sqrt(fan_in)))
 
     # Optimisation. recipe='caffe' is the original solver; 'modern' is cosine + warmup + label smoothing.
     config.recipe = "modern"

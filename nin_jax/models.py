@@ -27,7 +27,10 @@ def _kernel_init(init: str, std: float) -> nn.initializers.Initializer:
         return nn.initializers.normal(stddev=std)
     if init == "he":
         return nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-    raise ConfigError(f"config.model.init={init!r}; choose 'caffe' (the original Gaussian stds) or 'he'.")
+    if init == "pytorch":  # torch.nn.Conv2d/Linear's default, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
+        return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    raise ConfigError(f"config.model.init={init!r}; choose 'caffe' (the original Gaussian stds), 'he' or "
+                      "'pytorch' (U(+-1/sqrt(fan_in)), PyTorch's default).")
 
 
 def caffe_pool(x: jax.Array, kind: str, *, cpu_kernels: bool, window: int = 3, stride: int = 2) -> jax.Array:

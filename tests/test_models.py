@@ -261,3 +261,12 @@ def test_layer_table_matches_the_built_module_layer_by_layer(arch, overrides):
     rows = [r for r in models.model_layer_table(model, shape) if r.params or r.name == "fc"]
     assert [(r.params, r.out_shape[-3:] if r.name != "fc" else r.out_shape) for r in rows] == [
         (n, s if len(s) == 3 else (1, 1, s[-1])) for n, s in built]
+
+
+def test_pytorch_init_is_uniform_within_one_over_sqrt_fan_in():
+    model = models.create_model(model_config("nin_cifar10", init="pytorch"), 10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    kernel = np.asarray(params["block2"]["conv"]["kernel"])  # 5x5x96 fan-in
+    bound = 1 / np.sqrt(5 * 5 * 96)
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.99 * bound
+    assert np.std(kernel) == pytest.approx(bound / np.sqrt(3), rel=0.02)
