@@ -136,7 +136,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     return config
 
 
-# Duration fields: a rerun that only makes the run longer extends it (see `nin_jax.train.save_config`).
+# Duration fields: a rerun that only makes the run longer extends it (see `nin_jax.workdir.save_config`).
 DURATION_FIELDS = ("num_train_steps", "num_epochs")
 
 
@@ -237,3 +237,16 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config() if arg is None else module.get_config(arg)
+
+
+def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """The run's length in steps: `num_train_steps` when > 0, else `num_epochs` of `steps_per_epoch`."""
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    steps = int(config.num_epochs * steps_per_epoch)
+    if steps <= 0:
+        raise ConfigError(
+            f"config.num_epochs={config.num_epochs} gives no training steps ({steps_per_epoch} steps per epoch); "
+            "set config.num_epochs > 0 or config.num_train_steps > 0."
+        )
+    return steps

@@ -129,12 +129,12 @@ def main(argv):
         _fail(e)
     import jax  # pylint: disable=g-import-not-at-top
 
-    from nin_jax import train  # pylint: disable=g-import-not-at-top
+    from nin_jax import train, workdir  # pylint: disable=g-import-not-at-top
 
     logging.info("JAX process %d/%d, local devices %s", jax.process_index(), jax.process_count(), jax.local_devices())
     try:
         train.train_and_evaluate(config, FLAGS.workdir)
-    except train.StorageFullError as e:
+    except workdir.StorageFullError as e:
         _disk_full.set()
         _fail(e)
     except (ConfigError, train.NonFiniteLossError) as e:

@@ -4,7 +4,7 @@ and a warmup, and the runtime estimates of the docstring follow from the analyti
 import pytest
 
 from configs import imagenet
-from nin_jax import architectures, hardware, optim, train
+from nin_jax import architectures, config as config_lib, hardware, optim
 from nin_jax.config import ConfigError
 
 MODEL_ZOO_IMAGES = 450_000 * 64
@@ -13,7 +13,7 @@ MODEL_ZOO_IMAGES = 450_000 * 64
 def _steps(config) -> tuple[int, int]:
     """(steps per epoch, total steps) of a config on ImageNet's training set."""
     per_epoch = imagenet.TRAIN_IMAGES // config.batch_size
-    return per_epoch, train.total_train_steps(config, per_epoch)
+    return per_epoch, config_lib.total_train_steps(config, per_epoch)
 
 
 def test_pod_scales_batch_and_lr_and_keeps_the_epochs():

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import train
+from nin_jax import train, workdir as workdir_lib
 import helpers_reliability as h
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
@@ -313,7 +313,7 @@ def test_full_disk_stops_with_one_message_keeps_the_checkpoints_and_the_rerun_co
     monkeypatch.setattr(ocp.CheckpointManager, "save", ocp.CheckpointManager.save)  # undone after the test
     monkeypatch.setattr(train.MetricsLog, "write", train.MetricsLog.write)
     _inject_enospc(where, at)
-    with pytest.raises(train.StorageFullError) as error:
+    with pytest.raises(workdir_lib.StorageFullError) as error:
         train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
     message = str(error.value)
     path = workdir / ("checkpoints/12.orbax-checkpoint-tmp" if where == "checkpoint" else "metrics.jsonl")

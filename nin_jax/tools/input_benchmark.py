@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nin_jax import architectures, data, hardware, mesh as mesh_lib, models
+from nin_jax.config import ConfigError
 from nin_jax.cpu import hostenv
 
 
@@ -113,13 +114,14 @@ def accelerator_need(
 ) -> dict[str, Any]:
     """Images per second that one ``device_kind`` accelerator consumes training ``config.model`` at ``mfu``.
 
-    A preset whose last layer has a fixed class count (nin_imagenet's 1000) is counted with that count when the
-    dataset has another one (e.g. a small image folder benchmarked with configs/imagenet.py).
+    Images too small for the model (a quick benchmark at a reduced ``config.image_size``) are counted at the
+    preset's own input size and class count.
     """
     try:
         rows = models.model_layer_table(models.create_model(config.model, num_classes), tuple(image_shape))
-    except ValueError:
-        num_classes = architectures.PRESETS[config.model.arch]["num_classes"]
+    except ConfigError:
+        preset = architectures.PRESETS[config.model.arch]
+        image_shape, num_classes = preset["input_shape"], preset["num_classes"]
         rows = models.model_layer_table(models.create_model(config.model, num_classes), tuple(image_shape))
     train_flops = architectures.train_flops_per_image(rows)
     peak = hardware.peak_flops(device_kind, bool(config.half_precision))
