@@ -43,7 +43,7 @@ from PIL import Image
 from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
 from nin_jax.checkpointing import CheckpointError
 from nin_jax.config import ConfigError
-from nin_jax.data import run_record
+from nin_jax.data import decode, run_record
 
 CHECKPOINT_CHOICES = "latest | best | a step number"
 # Digest of the restored subtree {"params", "batch_stats"} (`checkpointing.state_digest` of that dict), in a
@@ -371,30 +371,6 @@ def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preproces
     return Preprocessing.from_pipeline(pipeline, config)
 
 
-def _center_box(width: int, height: int, size: int, resize: int) -> tuple[float, float, float, float]:
-    side = min(width, height) * min(size / resize, 1.0)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return x0, y0, x0 + side, y0 + side
-
-
-def _fit_image(image: Image.Image, prep: Preprocessing) -> np.ndarray:
-    h, w, c = prep.image_shape
-    mode = "L" if c == 1 else "RGB"
-    if prep.fit == "center_crop":
-        width, height = image.size
-        box = _center_box(width, height, h, prep.eval_resize)
-        if image.format == "JPEG":  # as the pipeline: let libjpeg decode at a reduced scale
-            wanted = (math.ceil(width * h / (box[2] - box[0])), math.ceil(height * h / (box[3] - box[1])))
-            image.draft("RGB", wanted)
-            sx, sy = image.size[0] / width, image.size[1] / height
-            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        image = image.convert(mode).resize((w, h), Image.BILINEAR, box=box)
-    elif image.size != (w, h):
-        image = image.convert(mode).resize((w, h), Image.BILINEAR)
-    array = np.asarray(image.convert(mode))
-    return array[..., None] if c == 1 else array
-
-
 def _as_pil(array: np.ndarray, name: str) -> Image.Image:
     array = np.asarray(array)
     if array.dtype != np.uint8:
@@ -417,25 +393,27 @@ def _image_list(images: Any) -> list[Any]:
 
 
 def load_images(images: Any, prep: Preprocessing) -> np.ndarray:
-    """uint8 [N, H, W, C] model-size images from paths or uint8 arrays of any size (see `Preprocessing.fit`)."""
+    """uint8 [N, H, W, C] model-size images from paths or uint8 arrays of any size (see `Preprocessing.fit`),
+    decoded and fitted by the data layer's own functions, as the run's evaluation does."""
     items = _image_list(images)
     if not items:
         raise ConfigError("no images given.")
+    h, _, c = prep.image_shape
     out = []
     for i, item in enumerate(items):
         if isinstance(item, np.ndarray):
-            out.append(_fit_image(_as_pil(item, f"#{i}"), prep))
-            continue
-        path = epath.Path(item)
-        if not path.exists():
-            raise ConfigError(f"image {item} does not exist.")
-        try:
-            with Image.open(io.BytesIO(path.read_bytes())) as image:
-                out.append(_fit_image(image, prep))
-        except (OSError, SyntaxError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"cannot decode image {item}: {e}.") from e
+            buffer = io.BytesIO()
+            _as_pil(item, f"#{i}").save(buffer, "PNG")  # lossless: the array's pixels, in the decoders' input form
+            encoded, name = buffer.getvalue(), f"#{i}"
+        else:
+            path = epath.Path(item)
+            if not path.exists():
+                raise ConfigError(f"image {item} does not exist.")
+            encoded, name = path.read_bytes(), str(item)
+        if prep.fit == "center_crop":
+            out.append(decode.decode_crop(encoded, name, h, c, rng=None, flip=False, eval_resize=prep.eval_resize))
+        else:
+            out.append(decode.decode_full(encoded, name, c, h))
     return np.stack(out)
 
 
