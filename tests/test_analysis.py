@@ -11,6 +11,7 @@ from nin_jax.config import ConfigError
 from nin_jax.tools import analysis, restore
 
 
+@pytest.mark.slow
 def test_class_maps_png(tmp_path):
     workdir, _ = launch_helpers.trained_workdir()
     out = tmp_path / "maps.png"

@@ -20,6 +20,7 @@ def test_accelerator_need_uses_the_model_flops_and_peak(tmp_path):
     assert input_benchmark.accelerator_need(config, (32, 32, 3), 10, "Abacus", 0.5)["accelerator/img_per_sec_needed"] is None
 
 
+@pytest.mark.slow
 def test_json_reports_img_per_sec_and_cores_per_accelerator(tmp_path):
     root = write_image_folder(tmp_path / "folder", {"train": 8, "validation": 1}, size=None)
     out = subprocess.run(

@@ -35,6 +35,7 @@ def test_in_process_evaluation_reproduces_the_final_eval(run):
     assert out["eval/loss"] == pytest.approx(results["eval/loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_restores_an_8_device_checkpoint_on_1_device(run):
     workdir, results = run
     assert results["num_devices"] == 8

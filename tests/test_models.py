@@ -185,6 +185,7 @@ def test_caffe_pooling_is_ceil_mode_and_averages_only_in_bounds_pixels(cpu_kerne
     np.testing.assert_allclose(models.caffe_pool(x, "max", cpu_kernels=cpu_kernels)[0, -1, -1, 0], -(6 * 8 + 6))
 
 
+@pytest.mark.slow
 def test_cpu_kernels_compute_the_same_model():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)

@@ -169,6 +169,7 @@ def test_workdir_that_is_a_file_or_unwritable_is_rejected(tmp_path):
         train.train_and_evaluate(small_config(), str(afile / "sub"))
 
 
+@pytest.mark.slow
 def test_command_line_trains_with_overrides_applied(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path}",

@@ -134,6 +134,7 @@ def env(tmp_path_factory):
     undo()
 
 
+@pytest.mark.slow
 def test_second_training_in_a_running_workdir_is_refused_and_the_first_finishes_intact(env, capsys):
     workdir, log = env["root"] / "shared", env["root"] / "first.log"
     proc = h.start_main(workdir, h.config_flags(env["data_cache"]), env["subprocess"], log)

@@ -46,6 +46,7 @@ def _copy(source, workdir):
     return workdir
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_with_another_config_is_refused_and_changes_nothing(env, finished, capsys):
     before = _snapshot(finished)
     other = h.make_config(env["data_cache"], preprocess="scale", optim__learning_rate=0.05)
