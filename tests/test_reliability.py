@@ -23,7 +23,11 @@ import numpy as np
 import pytest
 
 from nin_jax import train, workdir as workdir_lib
+
 import helpers_reliability as h
+
+# Real trainings with kills and restarts (a shared reference run costs ~20 s): the full suite runs them.
+pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 
