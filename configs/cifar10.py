@@ -49,7 +49,7 @@ def get_config(recipe: str = "caffe"):
         config.augment.translate = 4
         config.augment.flip = True
         config.model.batch_norm = True
-        # Measured at a 400-step budget against a PyTorch NIN+BN trainer (README, "Short budgets"): PyTorch's
+        # Measured at a 400-step budget against a PyTorch NIN+BN trainer (see the docstring): PyTorch's
         # default init and average pooling after block 2 closed a 6-point gap that He init and max pooling left.
         config.model.init = "pytorch"
         config.model.pool2 = "avg"
