@@ -8,7 +8,7 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -77,6 +77,17 @@ def enable_compile_cache(path: str | os.PathLike) -> Callable[[], None]:
         compilation_cache.reset_cache()
 
     return undo
+
+
+def module_env(tmp_path_factory, name: str) -> Iterator[dict[str, Any]]:
+    """Body of a module-scoped `env` fixture: a root directory `name`, the digits cache under it, and the shared
+    compilation cache on for this process and its training subprocesses (`subprocess`)."""
+    root, cache = tmp_path_factory.mktemp(name), compile_cache_dir(tmp_path_factory)
+    undo = enable_compile_cache(cache)
+    try:
+        yield {"root": root, "data_cache": root / "data_cache", "subprocess": subprocess_env(cache)}
+    finally:
+        undo()
 
 
 def subprocess_env(compile_cache: str | os.PathLike) -> dict[str, str]:

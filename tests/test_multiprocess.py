@@ -52,10 +52,7 @@ def _child_pids(log) -> list[int]:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("multiprocess"), h.compile_cache_dir(tmp_path_factory)
-    undo = h.enable_compile_cache(cache)
-    yield {"root": root, "data_cache": root / "data_cache", "subprocess": h.subprocess_env(cache)}
-    undo()
+    yield from h.module_env(tmp_path_factory, "multiprocess")
 
 
 def _prepare_resume_from_one_device(source, workdir, config) -> None:

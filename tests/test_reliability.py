@@ -34,11 +34,8 @@ SEED = int(os.environ.get("RELIABILITY_SEED", "0"))
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("reliability"), h.compile_cache_dir(tmp_path_factory)
-    undo = h.enable_compile_cache(cache)
-    yield {"root": root, "data_cache": root / "data_cache", "subprocess": h.subprocess_env(cache),
-           "rng": random.Random(SEED)}
-    undo()
+    for environment in h.module_env(tmp_path_factory, "reliability"):
+        yield {**environment, "rng": random.Random(SEED)}
 
 
 def _interrupt_runs(runs: dict, reference_dir, env: dict, status: dict, abort: threading.Event) -> None:

@@ -128,10 +128,7 @@ def test_lock_through_the_object_store_protocol(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("workdir_lock"), h.compile_cache_dir(tmp_path_factory)
-    undo = h.enable_compile_cache(cache)
-    yield {"root": root, "data_cache": root / "data_cache", "subprocess": h.subprocess_env(cache)}
-    undo()
+    yield from h.module_env(tmp_path_factory, "workdir_lock")
 
 
 @pytest.mark.slow

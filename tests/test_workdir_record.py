@@ -19,10 +19,7 @@ import helpers_reliability as h
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("workdir_record"), h.compile_cache_dir(tmp_path_factory)
-    undo = h.enable_compile_cache(cache)
-    yield {"root": root, "data_cache": root / "data_cache", "subprocess": h.subprocess_env(cache)}
-    undo()
+    yield from h.module_env(tmp_path_factory, "workdir_record")
 
 
 @pytest.fixture(scope="module")
