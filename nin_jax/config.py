@@ -173,6 +173,7 @@ _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
     ("optim.label_smoothing", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.1"),
     ("optim.grad_clip_norm", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
     ("num_cpu_devices", True, lambda v: v >= 0, ">= 0 (0: one per core)", "0"),
+    ("input_workers", True, lambda v: v >= 0, ">= 0 (0: decode in threads)", "0"),
     ("log_every_steps", True, lambda v: v >= 1, ">= 1 steps", "50"),
     ("eval_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
     ("checkpoint_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
