@@ -50,7 +50,8 @@ def test_shipped_configs_pass_the_range_checks(name, arg):
 @pytest.mark.parametrize("field, value", [
     ("model.dropout_rate", 1.0), ("model.dropout_rate", -0.1), ("model.fc_dropout", 1.5),
     ("log_every_steps", 0), ("eval_every_steps", 0), ("checkpoint_every_steps", -5), ("keep_checkpoints", 0),
-    ("input_workers", -1),    ("batch_size", 0), ("eval_batch_size", -8), ("optim.learning_rate", 0.0), ("optim.learning_rate", float("nan")),
+    ("input_workers", -1), ("batch_size", 0), ("eval_batch_size", -8), ("optim.learning_rate", 0.0),
+    ("optim.learning_rate", float("nan")),
     ("optim.momentum", 1.0), ("optim.label_smoothing", 1.0), ("optim.weight_decay", -1e-4),
     ("optim.warmup_epochs", -1.0), ("optim.lr_decay", 0.0), ("optim.grad_clip_norm", -1.0),
     ("zca_filter_bias", 0.0), ("gcn_scale", -55.0), ("augment.translate", -1), ("image_size", 0),
