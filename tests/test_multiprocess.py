@@ -31,7 +31,10 @@ pytestmark = [pytest.mark.cpu, pytest.mark.slow]  # processes of CPU host device
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 NUM_DEVICES = NUM_PROCESSES * DEVICES_PER_PROCESS
-NUM_STEPS, RESUME_STEP = 16, 8  # the multi-process run resumed from a 1-device checkpoint of RESUME_STEP
+# The multi-process run resumed from a 1-device checkpoint of RESUME_STEP. SIGTERM goes to it once step
+# RESUME_STEP + 3 is logged; the steps after that must outlast the signal's way through the preemption sync
+# service even when an idle machine runs ~10 steps/s.
+NUM_STEPS, RESUME_STEP = 40, 8
 CHANGES = {"num_train_steps": NUM_STEPS, "eval_every_steps": 8}
 
 
