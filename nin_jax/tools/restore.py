@@ -151,6 +151,22 @@ def _install_orbax_leftovers_filter() -> None:
 
     hook._nin_jax_orbax_filter = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_DropOrbaxTaskLeftovers())
+
+
+class _DropOrbaxTaskLeftovers(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for the same abandoned Orbax reads (logged when the
+    task is garbage-collected, so some runs print it and some do not)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and record.getMessage().startswith("Task exception was never retrieved")):
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            if "/orbax/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+                return False
+            tb = tb.tb_next
+        return True
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
