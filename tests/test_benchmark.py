@@ -25,7 +25,7 @@ def test_cli_writes_json_with_all_keys(tmp_path):
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time dominates a tiny model
     proc = subprocess.run(
         [sys.executable, "-m", "nin_jax.benchmark", "--config=configs/digits.py", "--batch_size=64", "--steps=2",
-         "--warmup=1", "--input_batches=2", "--peak_sizes=128", f"--config.cache_dir={tmp_path}", f"--json={out}"],
+         "--warmup=1", "--input_batches=2", "--loop_steps=3", "--peak_sizes=128", f"--config.cache_dir={tmp_path}", f"--json={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train" in proc.stdout and "MFU" in proc.stdout
@@ -37,9 +37,12 @@ def test_cli_writes_json_with_all_keys(tmp_path):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     assert r["batch_size"] == 64 and r["device_count"] == jax.device_count()
     assert r["device_kind"] and r["arch"] == "nin_digits"
+    assert r["train/loop_vs_step"] == pytest.approx(r["train/loop_img_per_sec"] / r["train/img_per_sec"])
+    assert "train loop (real data)" in proc.stdout
     # MFU is consistent with the reported throughput, FLOPs and peaks: dividing the median throughput by the
-    # run's highest peak is the lower bound of the per-round (paired) MFU.
+    # run's highest peak is the lower bound of the MFU against the peaks around its block.
     for part, gflops in (("train", "gflops_per_image_train"), ("infer", "gflops_per_image_forward")):
+        assert r[f"{part}/mfu_vs_max_peak"] <= r[f"{part}/mfu"] * (1 + 1e-9)
         assert r[f"{part}/mfu_vs_max_peak"] == pytest.approx(
             r[f"{part}/img_per_sec"] * r[gflops] / r["peak_gflops_max"])
         assert r[f"{part}/hfu"] == pytest.approx(r[f"{part}/mfu"] * r[f"{gflops}_executed"] / r[gflops])
@@ -73,3 +76,5 @@ def test_dataset_shape_and_bad_input():
         benchmark.dataset_shape(config)
     with pytest.raises(ValueError, match="--steps"):
         benchmark.run(digits.get_config(), steps=0)
+    with pytest.raises(ValueError, match="--loop_steps=-1"):
+        benchmark.run(digits.get_config(), loop_steps=-1)

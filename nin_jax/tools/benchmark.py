@@ -1,20 +1,24 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
     python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
-        [--input_batches=0] [--config.num_cpu_devices=0] [--config.cpu_kernels=true]
+        [--input_batches=50] [--loop_steps=20] [--config.num_cpu_devices=0] [--config.cpu_kernels=true]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
-runs `--steps` rounds on a synthetic batch after `--warmup` untimed steps. A round times, each to
-`block_until_ready`, the matmul peak, one train step and one inference step; throughputs are medians. MFU is
-achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the matmul peak
-of the same round, median over rounds: every device multiplies square matrices at once, and on CPU, where
-host devices share the same cores, a single-device matmul counts too; the larger rate is the peak.
+times `--steps` consecutive train steps and then `--steps` inference steps on a synthetic batch, each to
+`block_until_ready`, after `--warmup` untimed ones; throughputs are medians. Beside the step alone,
+`train/loop_img_per_sec` times `--loop_steps` consecutive steps as the training loop runs them: fed by the
+real input pipeline, with the dataset resident in the process. Both that and `--input_batches` need the
+dataset; `--input_batches=0 --loop_steps=0` benchmarks synthetic batches only.
+
+MFU is achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the mean
+of the matmul peaks measured just before and after the block. For the peak every device multiplies square
+matrices at once, and on CPU, where host devices share the same cores, a single-device matmul counts too;
+the larger rate is the peak.
 Peak memory is the process's peak RSS on CPU and the devices' `peak_bytes_in_use` elsewhere.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import resource
@@ -45,32 +49,32 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "imagenet2012": ((224, 224, 3), 1000),
 }
 
-REQUIRED_KEYS = ("train/img_per_sec", "infer/img_per_sec", "compile_seconds", "gflops_per_image_train",
-                 "gflops_per_image_forward", "peak_gflops", "train/mfu", "infer/mfu", "input/img_per_sec",
-                 "device_kind", "device_count", "batch_size")
+REQUIRED_KEYS = ("train/img_per_sec", "train/loop_img_per_sec", "infer/img_per_sec", "compile_seconds",
+                 "gflops_per_image_train", "gflops_per_image_forward", "peak_gflops", "train/mfu", "infer/mfu",
+                 "input/img_per_sec", "device_kind", "device_count", "batch_size")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed rounds, each a matmul peak, a train step and an inference step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed consecutive train steps, and as many inference steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 _INPUT_BATCHES = flags.DEFINE_integer(
     "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it and "
     "reports input/img_per_sec as null.")
+_LOOP_STEPS = flags.DEFINE_integer(
+    "loop_steps", 20, "Consecutive train steps timed on batches of the real input pipeline, the dataset resident "
+    "as in training (needs the dataset); 0 skips it and reports train/loop_img_per_sec as null.")
 _PEAK_SIZES = flags.DEFINE_list(
     "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak (on a 2-core AVX2 CPU 2048 is the best).")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
 
 
 def dataset_shape(config: ml_collections.ConfigDict,
-                  sharding: NamedSharding | None = None) -> tuple[tuple[int, int, int], int]:
-    """Model input shape and class count for `config.dataset` (config.image_size overrides H and W).
-
-    Built-in datasets come from `DATASET_SHAPES`; an image folder is opened (with ``sharding``) to read them.
-    """
-    if config.dataset == "image_folder" and sharding is not None:
-        info = data.Pipeline(config, sharding).info  # opening a folder lists and decodes it
-        return tuple(info.image_shape), info.num_classes
+                  pipeline: data.Pipeline | None = None) -> tuple[tuple[int, int, int], int]:
+    """Model input shape and class count: ``pipeline``'s if given (an image folder needs one), else those of
+    the built-in `config.dataset` from `DATASET_SHAPES` (config.image_size overrides H and W)."""
+    if pipeline is not None:
+        return tuple(pipeline.info.image_shape), pipeline.info.num_classes
     if config.dataset not in DATASET_SHAPES:
         raise ConfigError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
                          f"use one of {tuple(DATASET_SHAPES)} or 'image_folder'.")
@@ -156,24 +160,65 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
-        peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None) -> dict[str, Any]:
+        loop_steps: int = 0, peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None
+        ) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
-    if steps < 1 or warmup < 0:
-        raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0.")
+    if steps < 1 or warmup < 0 or input_batches < 0 or loop_steps < 0:
+        raise ConfigError(f"--steps={steps} must be >= 1, and --warmup={warmup}, --input_batches={input_batches} "
+                          f"and --loop_steps={loop_steps} >= 0.")
     mesh = mesh_lib.create_mesh()
-    data.check_batch_layout(mesh_lib.data_sharding(mesh), config.batch_size, "config.batch_size")
+    batch_sharding = mesh_lib.data_sharding(mesh)
+    data.check_batch_layout(batch_sharding, config.batch_size, "config.batch_size")
     # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
     input_results: dict[str, Any] = {"input/img_per_sec": None}
     if input_batches > 0:
         from nin_jax.tools import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
 
         input_results = input_benchmark.measure_input_throughput(config, input_batches)
+    # The dataset stays open and resident while the steps are timed, as in a training run.
+    pipeline = None
+    if loop_steps > 0 or config.dataset == "image_folder":
+        try:
+            pipeline = data.Pipeline(config, batch_sharding)
+        except ConfigError as e:
+            if config.dataset == "image_folder":
+                raise
+            raise ConfigError(f"{e} (--input_batches=0 --loop_steps=0 benchmark synthetic batches of "
+                              f"{config.dataset}'s shape without the dataset)") from e
+    try:
+        return _run(config, mesh, pipeline, steps=steps, warmup=warmup, loop_steps=loop_steps,
+                    peak_sizes=peak_sizes, trace_dir=trace_dir) | input_results
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+
+
+def measure_training_loop(step_fn: Callable, state: train.TrainState, pipeline: data.Pipeline, batch_size: int,
+                          steps: int, warmup: int) -> float:
+    """Global img/s of ``steps`` consecutive train steps fed by ``pipeline``'s training batches, merging the
+    metrics as the training loop does, after ``warmup`` untimed steps."""
+    batches = pipeline.train_batches(0)
+    try:
+        for _ in range(max(warmup, 1)):  # the first also compiles the step for the pipeline's batch layout
+            state, _ = step_fn(state, next(batches))
+        jax.block_until_ready(state)
+        merged = None
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, m = step_fn(state, next(batches))
+            merged = m if merged is None else merged.merge(m)
+        jax.block_until_ready((state, merged))
+        elapsed = time.perf_counter() - start
+    finally:
+        batches.close()
+    return steps * batch_size / elapsed
+
+
+def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: data.Pipeline | None, *,
+         steps: int, warmup: int, loop_steps: int, peak_sizes: Sequence[int], trace_dir: str | None
+         ) -> dict[str, Any]:
     batch_sharding = mesh_lib.data_sharding(mesh)
-    image_shape, num_classes = dataset_shape(config, batch_sharding)
-    if input_batches > 0 or config.dataset == "image_folder":
-        # The steps below run on synthetic batches; the decoded dataset is freed (see docs/performance.md).
-        data.clear_caches()
-        gc.collect()
+    image_shape, num_classes = dataset_shape(config, pipeline)
     dtype = train.compute_dtype(config)
     model = models.create_model(config.model, num_classes, dtype=dtype, cpu_kernels=config.cpu_kernels)
     # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
@@ -191,8 +236,9 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     }, batch_sharding)
     state = train.create_train_state(config, model, image_shape, lr_fn, mesh)
 
+    step_fn = train.make_train_step(config, model, num_classes, mesh)
     start = time.perf_counter()
-    train_step = train.make_train_step(config, model, num_classes, mesh).lower(state, batch).compile()
+    train_step = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
 
     def infer_fn(state, images):
@@ -210,23 +256,33 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         holder["state"], m = train_step(holder["state"], batch)
         return holder["state"].step, m
 
-    # Each round times a matmul peak, a train step and an inference step back to back, and its MFU divides by
-    # that round's peak: on a shared host the machine's speed drifts by 10-50% within minutes, and a peak
-    # from another minute would measure the drift. MFU is the median over rounds; `*/mfu_vs_max_peak` divides
-    # the median throughput by the highest peak of the whole run instead (the most conservative reading).
+    # Train and inference steps are timed in blocks of consecutive calls, as they run in training (a step
+    # timed right after a matmul peak or an inference step ran up to 20% slower), with the
+    # matmul peak measured before and after each block: on a shared host the machine's speed drifts by 10-50%
+    # within minutes, so a block's MFU divides by the mean of its two neighbouring peaks. `*/mfu_vs_max_peak`
+    # divides by the highest peak of the whole run instead (the most conservative reading).
     peak_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+
+    def peak() -> float:
+        return measure_matmul_peak(mesh, peak_dtype, peak_sizes, reps=2)["peak"]
+
     for _ in range(warmup):
-        jax.block_until_ready(one_train_step())
         jax.block_until_ready(infer(holder["state"], batch["image"]))
     load_start = os.getloadavg()[0]
-    peaks, train_times, infer_times = [], [], []
-    for _ in range(steps):
-        peaks.append(measure_matmul_peak(mesh, peak_dtype, peak_sizes, reps=2)["peak"])
-        train_times += _time_calls(one_train_step, 1, 0)
-        infer_times += _time_calls(lambda: infer(holder["state"], batch["image"]), 1, 0)
+    peaks = [peak()]
+    train_times = _time_calls(one_train_step, steps, warmup)
+    peaks.append(peak())
+    train_peak = (peaks[-2] + peaks[-1]) / 2
+    infer_times = _time_calls(lambda: infer(holder["state"], batch["image"]), steps, 0)
+    peaks.append(peak())
+    infer_peak = (peaks[-2] + peaks[-1]) / 2
     if trace_dir:
         with jax.profiler.trace(trace_dir):
             _time_calls(one_train_step, 3, 0)
+    # Last: it consumes the (donated) state.
+    loop_ips = None
+    if loop_steps > 0:
+        loop_ips = measure_training_loop(step_fn, holder.pop("state"), pipeline, batch_size, loop_steps, warmup)
     load_end = os.getloadavg()[0]
     memory_key, memory_bytes = _peak_memory_bytes()
 
@@ -234,11 +290,13 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     bf16 = measure_matmul_peak(mesh, jnp.bfloat16, peak_sizes, reps=3)
     train_ips = batch_size / statistics.median(train_times)
     infer_ips = batch_size / statistics.median(infer_times)
-    train_mfu = [train_flops * batch_size / t / p for t, p in zip(train_times, peaks)]
-    infer_mfu = [fwd_flops * batch_size / t / p for t, p in zip(infer_times, peaks)]
+    train_mfu = train_flops * train_ips / train_peak
+    infer_mfu = fwd_flops * infer_ips / infer_peak
     device = jax.devices()[0]
     results: dict[str, Any] = {
         "train/img_per_sec": train_ips,
+        "train/loop_img_per_sec": loop_ips,
+        "train/loop_vs_step": None if loop_ips is None else loop_ips / train_ips,
         "infer/img_per_sec": infer_ips,
         "train/step_ms_median": 1e3 * statistics.median(train_times),
         "train/step_ms_min": 1e3 * min(train_times),
@@ -258,14 +316,14 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "peak_gflops_f32_all_devices": f32["all_devices"] / 1e9,
         "peak_gflops_f32_one_device": f32["one_device"] / 1e9,
         "peak_gflops_bf16": bf16["peak"] / 1e9,
-        "train/mfu": statistics.median(train_mfu),
+        "train/mfu": train_mfu,
         "train/mfu_vs_max_peak": train_flops * train_ips / max(peaks),
-        "infer/mfu": statistics.median(infer_mfu),
+        "infer/mfu": infer_mfu,
         "infer/mfu_vs_max_peak": fwd_flops * infer_ips / max(peaks),
         "gflops_per_image_forward_executed": fwd_executed / 1e9,
         "gflops_per_image_train_executed": train_executed / 1e9,
-        "train/hfu": statistics.median(train_mfu) * train_executed / train_flops,
-        "infer/hfu": statistics.median(infer_mfu) * fwd_executed / fwd_flops,
+        "train/hfu": train_mfu * train_executed / train_flops,
+        "infer/hfu": infer_mfu * fwd_executed / fwd_flops,
         memory_key: memory_bytes,
         "device_kind": device.device_kind,
         "platform": device.platform,
@@ -281,7 +339,6 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         "host_malloc_hugepages": hostenv.HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
         "transparent_hugepage_mode": hostenv.transparent_hugepage_mode(),
     }
-    results.update(input_results)
     return results
 
 
@@ -297,12 +354,14 @@ def format_results(r: dict[str, Any]) -> str:
         f"{r['train/gflops_per_sec']:>10.1f}{r['train/mfu']:>8.3f}{r['train/mfu_vs_max_peak']:>13.3f}",
         f"{'inference':<22}{r['infer/img_per_sec']:>10.1f}{r['infer/step_ms_median']:>10.1f}"
         f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}{r['infer/mfu_vs_max_peak']:>13.3f}",
+        f"{'train loop (real data)':<22}{fmt(r['train/loop_img_per_sec'], '>10.1f')}"
+        + ("" if r["train/loop_vs_step"] is None else f"  ({r['train/loop_vs_step']:.2f} x the step alone)"),
         f"{'input pipeline':<22}{fmt(r['input/img_per_sec'], '>10.1f')}",
         f"model GFLOP/image: forward {r['gflops_per_image_forward']:.3f}, train {r['gflops_per_image_train']:.3f}; "
         f"as executed (Winograd's multiplies): forward {r['gflops_per_image_forward_executed']:.3f}, train "
         f"{r['gflops_per_image_train_executed']:.3f}, so HFU train {r['train/hfu']:.3f}, inference {r['infer/hfu']:.3f}",
         f"matmul peak GFLOP/s: f32 {r['peak_gflops_f32']:.1f} (all devices {r['peak_gflops_f32_all_devices']:.1f}, "
-        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; per round "
+        f"one device {r['peak_gflops_f32_one_device']:.1f}), bf16 {r['peak_gflops_bf16']:.1f}; around the blocks "
         f"(MFU's denominators) median {r['peak_gflops']:.1f}, min {r['peak_gflops_min']:.1f}, max "
         f"{r['peak_gflops_max']:.1f}",
         f"train step ms: min {r['train/step_ms_min']:.1f} max {r['train/step_ms_max']:.1f}; compile "
@@ -328,6 +387,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         hostenv.prepare(config)
         results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
+                      loop_steps=_LOOP_STEPS.value,
                       peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
