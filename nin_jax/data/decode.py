@@ -109,13 +109,12 @@ def _dct_scale(width: int, height: int, box: Box, size: int) -> int:
     return next((s for s in (8, 4, 2) if most >= s), 1)
 
 
-# cv2.imdecode flags by (channels, DCT scale). EXIF orientation is ignored, as PIL and TFDS do, so that the
-# crop box drawn from the header's size lands where it was drawn.
-_IMREAD = {
-    (3, 1): cv2.IMREAD_COLOR, (3, 2): cv2.IMREAD_REDUCED_COLOR_2, (3, 4): cv2.IMREAD_REDUCED_COLOR_4,
-    (3, 8): cv2.IMREAD_REDUCED_COLOR_8, (1, 1): cv2.IMREAD_GRAYSCALE, (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
-    (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4, (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
-}
+# cv2.imdecode flags by (channels, DCT scale); colour is decoded as RGB. EXIF orientation is ignored, as PIL
+# and TFDS do, so that the crop box drawn from the header's size lands where it was drawn.
+_REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # the scale bits alone (the GRAYSCALE variants add no colour flag)
+_IMREAD = {(channels, scale): bits | (cv2.IMREAD_COLOR_RGB if channels == 3 else cv2.IMREAD_GRAYSCALE)
+           | cv2.IMREAD_IGNORE_ORIENTATION for channels in (1, 3) for scale, bits in _REDUCED.items()}
 
 
 def decode_crop(
@@ -145,7 +144,7 @@ def decode_crop(
         raise decode_error(name, e) from e
     box = random_resized_box(width, height, rng) if rng is not None else center_box(width, height, size, eval_resize)
     scale = _dct_scale(width, height, box, size) if is_jpeg else 1
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _IMREAD[channels, scale] | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _IMREAD[channels, scale])
     if image is None:
         raise decode_error(name, ValueError("OpenCV cannot decode it"))
     sy, sx = image.shape[0] / height, image.shape[1] / width
@@ -154,10 +153,9 @@ def decode_crop(
     crop = image[y0:y1, x0:x1]
     shrink = max(crop.shape[0], crop.shape[1]) / size
     out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= 2 else cv2.INTER_CUBIC)
-    out = out[..., None] if channels == 1 else out[..., ::-1]  # OpenCV decodes colour as BGR
     if rng is not None and flip and rng.random() < 0.5:
-        out = out[:, ::-1]
-    return out
+        out = cv2.flip(out, 1)
+    return out[..., None] if channels == 1 else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +168,16 @@ class CropSpec:
     eval_resize: int
 
 
-def decode_crops(items: Sequence[tuple[bytes | str, str, int | None]], spec: CropSpec) -> np.ndarray:
-    """uint8 [n, size, size, C] of ``(encoded, name, seed)`` items: a seed draws a random-resized crop (+ flip)
-    from ``np.random.default_rng(seed)``, None takes the evaluation center crop. Runs in worker processes."""
-    return np.stack([
-        decode_crop(
+def decode_crops(items: Sequence[tuple[bytes | str, str, int | None]], spec: CropSpec,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [n, size, size, C] of ``(encoded, name, seed)`` items, written into ``out`` if given: a seed draws
+    a random-resized crop (+ flip) from ``np.random.default_rng(seed)``, None takes the evaluation center crop.
+    Runs in decode threads or worker processes."""
+    if out is None:
+        out = np.empty((len(items), spec.size, spec.size, spec.channels), np.uint8)
+    for i, (encoded, name, seed) in enumerate(items):
+        out[i] = decode_crop(
             encoded, name, spec.size, spec.channels, rng=None if seed is None else np.random.default_rng(seed),
             flip=spec.flip, eval_resize=spec.eval_resize,
         )
-        for encoded, name, seed in items
-    ])
+    return out

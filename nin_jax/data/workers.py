@@ -44,20 +44,25 @@ class DecodePool:
     def submit(self, items: Sequence[Item], spec: decode.CropSpec) -> PendingBatch:
         """Starts decoding ``items`` (in order) into one uint8 [len(items), size, size, C] array."""
         chunk = max(1, -(-len(items) // self._tasks_per_batch))
-        return PendingBatch([
-            self._executor.submit(decode.decode_crops, items[i : i + chunk], spec) for i in range(0, len(items), chunk)
-        ])
+        starts = range(0, len(items), chunk)
+        if self.workers:  # each worker returns its chunk, concatenated on arrival
+            return PendingBatch([self._executor.submit(decode.decode_crops, items[i:i + chunk], spec) for i in starts])
+        # Threads write their chunks straight into the batch.
+        batch = np.empty((len(items), spec.size, spec.size, spec.channels), np.uint8)
+        return PendingBatch([self._executor.submit(decode.decode_crops, items[i:i + chunk], spec, batch[i:i + chunk])
+                             for i in starts], batch)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class PendingBatch:
-    def __init__(self, futures: list[concurrent.futures.Future]):
-        self._futures = futures
+    def __init__(self, futures: list[concurrent.futures.Future], batch: np.ndarray | None = None):
+        self._futures, self._batch = futures, batch
 
     def result(self) -> np.ndarray:
-        return np.concatenate([f.result() for f in self._futures])
+        chunks = [f.result() for f in self._futures]
+        return np.concatenate(chunks) if self._batch is None else self._batch
 
     def cancel(self) -> None:
         for f in self._futures:
