@@ -16,7 +16,7 @@ import ml_collections
 from nin_jax import architectures
 from nin_jax.architectures import BlockSpec
 from nin_jax.config import ConfigError, get_config
-from nin_jax.cpu import conv as cpu_conv, pooling
+from nin_jax.cpu import batchnorm as cpu_batchnorm, conv as cpu_conv, pooling
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)
 BN_MOMENTUM = 0.9  # running-average decay; Torch's momentum=0.1
@@ -90,12 +90,17 @@ class MLPConv(nn.Module):
                     width, use_bias=not self.batch_norm, kernel_init=kinit, dtype=self.dtype,
                     param_dtype=jnp.float32, name=f"mlp{j}",
                 )(x)
+            relu = self.final_relu or j < len(self.widths) - 1
+            if self.batch_norm and self.cpu_kernels and train:  # the same variables as nn.BatchNorm's
+                x = cpu_batchnorm.BatchNormReLU(BN_MOMENTUM, BN_EPSILON, relu, self.bn_axis_name, self.dtype,
+                                                name=f"bn{j}")(x)
+                continue
             if self.batch_norm:
                 x = nn.BatchNorm(
                     use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                     axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=jnp.float32, name=f"bn{j}",
                 )(x)
-            if self.final_relu or j < len(self.widths) - 1:
+            if relu:
                 x = nn.relu(x)
         return x
 

@@ -204,6 +204,21 @@ def test_cpu_kernels_compute_the_same_model():
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))))
 
+    # Training mode (batch statistics; on CPU BatchNorm + ReLU run as cpu.batchnorm): the same loss,
+    # gradients and updated running averages.
+    def train_loss(model, params):
+        out, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(out**2), updates
+
+    (l_fast, s_fast), g_fast = jax.value_and_grad(train_loss, argnums=1, has_aux=True)(fast, variables["params"])
+    (l_plain, s_plain), g_plain = jax.value_and_grad(train_loss, argnums=1, has_aux=True)(plain, variables["params"])
+    np.testing.assert_allclose(l_fast, l_plain, rtol=1e-4)
+    assert jax.tree.structure(s_fast) == jax.tree.structure(s_plain)
+    for a, b in zip(jax.tree.leaves(s_fast), jax.tree.leaves(s_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))))
+
 
 def test_output_layer_path_names_the_class_map_layer():
     assert models.output_layer_path(models.create_model(model_config("nin_cifar10"), 10)) == ("block3", "mlp2")

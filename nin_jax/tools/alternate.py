@@ -11,18 +11,14 @@ own; the last such line is read and ``--key`` taken from it. Ratios are of media
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
-
-from absl import app, flags
-
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Rounds; each runs every command once, in the given order.")
-_KEY = flags.DEFINE_string("key", "input/img_per_sec", "The figure to compare, a key of each command's JSON line.")
-_JSON = flags.DEFINE_string("json", None, "Also write the runs and medians to this file.")
 
 
 def parse_commands(specs: Sequence[str]) -> dict[str, str]:
@@ -71,21 +67,25 @@ def alternate(commands: dict[str, str], rounds: int, key: str, log=print) -> dic
             "ratio_to_first": {name: m / first for name, m in medians.items()}}
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nin_jax.tools.alternate", description=__doc__.split("\n")[0])
+    parser.add_argument("commands", nargs="+", metavar="NAME=COMMAND")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every command once, in order")
+    parser.add_argument("--key", default="input/img_per_sec", help="the figure to compare, a key of each JSON line")
+    parser.add_argument("--json", help="also write the runs and medians to this file")
+    args = parser.parse_args(argv)
     try:
-        commands = parse_commands(argv[1:])
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    if not commands:
-        raise app.UsageError("give at least one NAME=COMMAND")
-    result = alternate(commands, _ROUNDS.value, _KEY.value)
+        commands = parse_commands(args.commands)
+        result = alternate(commands, args.rounds, args.key)
+    except (ValueError, RuntimeError) as e:
+        sys.exit(f"alternate: {e}")
     for name, values in result["runs"].items():
         print(f"{name}: median {result['medians'][name]:.4g}  ratio {result['ratio_to_first'][name]:.2f}  "
               f"runs {[round(v, 1) for v in values]}")
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
