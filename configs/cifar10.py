@@ -13,7 +13,7 @@ padding with random crops).
 standardisation, 4-px translation + flip, cosine LR with warmup (capped at a tenth of a short run) and
 label smoothing, 200 epochs; expected about 92% (the Torch NIN-with-BN reference reaches 92%; not measured
 here at that budget). At 400 steps of batch 128 on 45,000 CIFAR-10 training images (warmup 0, no label
-smoothing, no Nesterov) it reached 63.2% / 62.3% on the 5,000 held out (seeds 0 / 1), against 62.3% /
+smoothing, no Nesterov) it reached 63.3% / 61.7% on the 5,000 held out (seeds 0 / 1), against 62.3% /
 62.9% for a PyTorch NIN+BN trainer with the same recipe (the README's CPU-budget table).
 
 Expected runtime: the caffe recipe is 120k steps x 128 images x 1.305 GFLOP = 20 PFLOP of model compute,
