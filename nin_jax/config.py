@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.gcn_scale = 55.0
     config.augment = ml_collections.ConfigDict()
     config.augment.translate = 4  # pixels of random translation (pad + crop); 0 disables
+    config.augment.pad_mode = "zero"  # translation border: zero (the mean pixel, after normalising) | reflect | edge
     config.augment.flip = True  # random horizontal flip
     config.augment.random_resized_crop = False  # Inception-style crops (ImageNet)
     config.augment.eval_resize = 256  # ImageNet eval: resize the short side, then center-crop image_size

@@ -161,6 +161,31 @@ def test_translate_and_flip_semantics():
     np.testing.assert_array_equal(shifted[1, :-1, :-1], images[1, 1:, 1:])
 
 
+@pytest.mark.parametrize("mode", ["reflect", "edge"])
+def test_translation_border_follows_pad_mode(mode):
+    images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1) + 1
+    shifted = transforms.translate_and_flip(images, np.array([0, 2]), np.array([0, 2]), np.array([False, False]),
+                                            pad=1, pad_mode=mode)
+    expected = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode=mode)
+    np.testing.assert_array_equal(shifted[0], expected[0, :3, :4])  # the border comes from the image itself
+    np.testing.assert_array_equal(shifted[1], expected[1, 2:, 2:])
+    assert np.all(shifted != 0)
+
+
+def test_pad_mode_is_checked_before_anything_is_read(tmp_path, sharding):
+    with pytest.raises(ConfigError, match=r"config.augment.pad_mode='mirror'.*'reflect'"):
+        data.Pipeline(make_config(tmp_path, augment__pad_mode="mirror"), sharding)
+
+
+def test_reflect_padding_changes_only_the_border_of_training_batches(tmp_path, sharding):
+    zero = _take(data.Pipeline(make_config(tmp_path, augment__translate=2), sharding).train_batches(), 1)[0]
+    reflect = _take(data.Pipeline(make_config(tmp_path, augment__translate=2, augment__pad_mode="reflect"),
+                                  sharding).train_batches(), 1)[0]
+    a, b = np.asarray(zero["image"]), np.asarray(reflect["image"])
+    np.testing.assert_array_equal(a[:, 2:-2, 2:-2], b[:, 2:-2, 2:-2])  # same crops and flips, same interior
+    assert not np.array_equal(a, b)
+
+
 def test_eval_counts_every_example_once(tmp_path, sharding):
     pipeline = data.Pipeline(make_config(tmp_path, eval_batch_size=40), sharding)  # 297 = 7 * 40 + 17
     batches = [jax.tree.map(np.asarray, b) for b in pipeline.eval_batches(with_raw=True)]

@@ -159,7 +159,8 @@ class _InMemory:
         translate, flip = config.augment.translate, config.augment.flip
         if translate or flip:
             offset_y, offset_x, flips = order.augment_params(config.seed, step, config.batch_size, translate, flip)
-            images = transforms.translate_and_flip(images, offset_y[rows], offset_x[rows], flips[rows], translate)
+            images = transforms.translate_and_flip(images, offset_y[rows], offset_x[rows], flips[rows], translate,
+                                                   config.augment.pad_mode)
         return {"image": images, "label": split.labels[positions]}
 
     def _eval_examples(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> dict[str, np.ndarray]:
@@ -317,6 +318,9 @@ class Pipeline:
             raise ConfigError(
                 f"config.preprocess={config.preprocess!r} is unknown; choose one of {preprocessing.PREPROCESS_CHOICES}"
             )
+        if config.augment.pad_mode not in transforms.PAD_MODES:
+            raise ConfigError(f"config.augment.pad_mode={config.augment.pad_mode!r} is unknown; choose one of "
+                              f"{transforms.PAD_MODES}")
         if not isinstance(config.seed, int) or config.seed < 0:
             raise ConfigError(f"config.seed={config.seed!r} must be a non-negative integer")
         if normalizer is not None and normalizer.method != config.preprocess:

@@ -1,6 +1,7 @@
-"""Augmentation of decoded small images: zero-padded random translation + horizontal flip, vectorised.
+"""Augmentation of decoded small images: padded random translation + horizontal flip, vectorised.
 
-Applied after normalisation, like pylearn2's WindowAndFlip; the offsets and flags come from `order.augment_params`.
+Applied after normalisation, like pylearn2's WindowAndFlip, so zero padding is the mean pixel; the offsets and
+flags come from `order.augment_params`.
 """
 
 from __future__ import annotations
@@ -8,12 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 
+PAD_MODES = ("zero", "reflect", "edge")  # numpy's constant-0, reflect (mirror without the edge) and edge modes
+
+
 def translate_and_flip(
-    images: np.ndarray, offset_y: np.ndarray, offset_x: np.ndarray, flip: np.ndarray, pad: int
+    images: np.ndarray, offset_y: np.ndarray, offset_x: np.ndarray, flip: np.ndarray, pad: int,
+    pad_mode: str = "zero",
 ) -> np.ndarray:
-    """Zero-pads [N, H, W, C] by ``pad``, crops an HxW window at the offsets and mirrors flagged rows."""
+    """Pads [N, H, W, C] by ``pad`` (``pad_mode``, one of `PAD_MODES`), crops an HxW window at the offsets and
+    mirrors flagged rows."""
     n, h, w, c = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
+    mode = "constant" if pad_mode == "zero" else pad_mode
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode=mode) if pad else images
     s = padded.strides
     # windows[i, y, x] is the HxW crop of image i at offset (y, x): a read-only view, so the gather below copies
     # one block per image (5x faster than indexing every pixel).
