@@ -61,7 +61,7 @@ class PendingBatch:
         self._futures, self._batch = futures, batch
 
     def result(self) -> np.ndarray:
-        chunks = [f.result() for f in self._futures]
+        chunks = [f.result() for f in self._futures]  # waits for every chunk, and re-raises a decoding error
         return np.concatenate(chunks) if self._batch is None else self._batch
 
     def cancel(self) -> None:

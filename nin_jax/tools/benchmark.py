@@ -75,6 +75,8 @@ def dataset_shape(config: ml_collections.ConfigDict,
     the built-in `config.dataset` from `DATASET_SHAPES` (config.image_size overrides H and W)."""
     if pipeline is not None:
         return tuple(pipeline.info.image_shape), pipeline.info.num_classes
+    if config.dataset == "image_folder":
+        raise ConfigError("config.dataset='image_folder': its input shape is read from the folder (pass its Pipeline).")
     if config.dataset not in DATASET_SHAPES:
         raise ConfigError(f"config.dataset={config.dataset!r} has no known input shape for synthetic batches; "
                          f"use one of {tuple(DATASET_SHAPES)} or 'image_folder'.")
