@@ -78,3 +78,11 @@ def test_dataset_shape_and_bad_input():
         benchmark.run(digits.get_config(), steps=0)
     with pytest.raises(ValueError, match="--loop_steps=-1"):
         benchmark.run(digits.get_config(), loop_steps=-1)
+
+
+def test_a_missing_dataset_says_how_to_benchmark_without_it(tmp_path):
+    config = digits.get_config()
+    config.dataset, config.data_dir = "cifar10", str(tmp_path)  # not prepared there, and never downloaded
+    for kwargs in (dict(input_batches=1), dict(loop_steps=1)):
+        with pytest.raises(ValueError, match=r"(?s)not prepared.*--input_batches=0 --loop_steps=0"):
+            benchmark.run(config, **kwargs)

@@ -173,20 +173,20 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     data.check_batch_layout(batch_sharding, config.batch_size, "config.batch_size")
     # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
     input_results: dict[str, Any] = {"input/img_per_sec": None}
-    if input_batches > 0:
-        from nin_jax.tools import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
-
-        input_results = input_benchmark.measure_input_throughput(config, input_batches)
-    # The dataset stays open and resident while the steps are timed, as in a training run.
     pipeline = None
-    if loop_steps > 0 or config.dataset == "image_folder":
-        try:
+    try:
+        if input_batches > 0:
+            from nin_jax.tools import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
+
+            input_results = input_benchmark.measure_input_throughput(config, input_batches)
+        # The dataset stays open and resident while the steps are timed, as in a training run.
+        if loop_steps > 0 or config.dataset == "image_folder":
             pipeline = data.Pipeline(config, batch_sharding)
-        except ConfigError as e:
-            if config.dataset == "image_folder":
-                raise
-            raise ConfigError(f"{e} (--input_batches=0 --loop_steps=0 benchmark synthetic batches of "
-                              f"{config.dataset}'s shape without the dataset)") from e
+    except ConfigError as e:
+        if config.dataset == "image_folder":
+            raise
+        raise ConfigError(f"{e} (--input_batches=0 --loop_steps=0 benchmark synthetic batches of "
+                          f"{config.dataset}'s shape without the dataset)") from e
     try:
         return _run(config, mesh, pipeline, steps=steps, warmup=warmup, loop_steps=loop_steps,
                     peak_sizes=peak_sizes, trace_dir=trace_dir) | input_results
