@@ -60,5 +60,5 @@ def get_config(recipe: str = "caffe"):
         config.optim.label_smoothing = 0.1
         config.num_epochs = 200.0
     else:
-        raise ValueError(f"configs/cifar10.py:{recipe} is unknown; use 'caffe' (default) or 'modern'.")
+        raise default.ConfigError(f"configs/cifar10.py:{recipe} is unknown; use 'caffe' (default) or 'modern'.")
     return config
