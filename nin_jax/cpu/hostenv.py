@@ -77,6 +77,11 @@ def cpu_backend_expected(environ: dict[str, str] | None = None) -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
+def host_cores() -> int:
+    """Cores this process may run on (its CPU affinity, where the OS reports one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def host_device_count(requested: int, batch_size: int) -> int:
     """``requested`` host devices, or for 0 one per core this process may use, lowered to a divisor of
     ``batch_size`` so that the data-parallel batch splits evenly."""
@@ -84,8 +89,7 @@ def host_device_count(requested: int, batch_size: int) -> int:
         raise ConfigError(f"config.num_cpu_devices={requested} must be >= 0 (0: one per core).")
     if requested:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(d for d in range(1, cores + 1) if batch_size % d == 0)
+    return max(d for d in range(1, host_cores() + 1) if batch_size % d == 0)
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:

@@ -41,11 +41,6 @@ def _cpu_seconds() -> float:
     return total
 
 
-def host_cores() -> int:
-    """Cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def measure_input_throughput(
     config: ml_collections.ConfigDict,
     num_batches: int = 100,
@@ -85,7 +80,7 @@ def measure_input_throughput(
         batches.close()
         pipeline.close()
     img_per_sec = num_batches * config.batch_size / elapsed
-    cores = host_cores() * jax.process_count()
+    cores = hostenv.host_cores() * jax.process_count()
     return {
         "input/img_per_sec": img_per_sec,
         "input/img_per_sec_per_core": img_per_sec / cores,
