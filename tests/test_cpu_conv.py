@@ -33,6 +33,11 @@ SHAPES = [
 ]
 
 
+# Winograd F(4x4, k x k) scales terms by up to ~100 (5x5) before they cancel, so in float32 its values and
+# gradients round to ~1e-5 of the tensor's scale rather than of each element (XLA's direct convolution: ~5e-7).
+WINOGRAD_TOL = 3e-5
+
+
 def _assert_within_scale(actual, desired, tol, err_msg):
     """max |actual - desired| <= tol * max |desired|: the error relative to the tensor's scale."""
     error = float(np.max(np.abs(np.asarray(actual, np.float64) - np.asarray(desired, np.float64))))
@@ -62,13 +67,11 @@ def test_impls_match_xla(shape):
     for impl in conv_ops.IMPLS[1:]:
         y, (dx, dk) = _reference_and_grads(impl, x, kernel, stride, padding, cotangent)
         assert y.shape == y_ref.shape and y.dtype == jnp.float32, impl
-        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} value")
         if impl == "winograd":
-            # Winograd's transforms scale terms by up to 16 (5x5) before they cancel, so its gradients, sums
-            # over the whole batch, round to ~1e-6 of their scale rather than of each element.
-            _assert_within_scale(dx, dx_ref, 1e-5, f"{impl} d/dx")
-            _assert_within_scale(dk, dk_ref, 1e-5, f"{impl} d/dkernel")
+            for name, got, want in [("value", y, y_ref), ("d/dx", dx, dx_ref), ("d/dkernel", dk, dk_ref)]:
+                _assert_within_scale(got, want, WINOGRAD_TOL, f"{impl} {name}")
             continue
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} value")
         np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d/dx")
         np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5, err_msg=f"{impl} d/dkernel")
 
@@ -83,20 +86,23 @@ def test_values_without_gradients_match_xla(shape):
     ref = conv_ops.conv2d(x, kernel, stride=stride, padding=padding, impl="xla")
     for impl in conv_ops.IMPLS[1:]:
         y = jax.jit(lambda a, c: conv_ops.conv2d(a, c, stride=stride, padding=padding, impl=impl))(x, kernel)
-        np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=impl)
+        if impl == "winograd":
+            _assert_within_scale(y, ref, WINOGRAD_TOL, impl)
+        else:
+            np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5, err_msg=impl)
 
 
-def test_winograd_matrices_are_exact_and_nin_sized_layer_stays_within_1e5():
+def test_winograd_matrices_are_exact_and_nin_sized_layers_stay_within_tolerance():
     rng = np.random.default_rng(0)
-    for k in range(1, 8):
-        a_t, g, b_t = winograd.matrices(k)
-        d, f = rng.standard_normal(k + 1), rng.standard_normal(k)
-        direct = np.array([f @ d[i:i + k] for i in range(2)])
-        np.testing.assert_allclose(a_t @ ((g @ f) * (b_t @ d)), direct, atol=1e-12)
+    for m in (2, 4):
+        for k in range(1, 8):
+            a_t, g, b_t = winograd.matrices(k, m)
+            d, f = rng.standard_normal(m + k - 1), rng.standard_normal(k)
+            direct = np.array([f @ d[i:i + k] for i in range(m)])
+            np.testing.assert_allclose(a_t @ ((g @ f) * (b_t @ d)), direct, atol=1e-9)
     # NIN-CIFAR10's conv2 (5x5, 96 -> 192 channels) and conv3 (3x3, 192 -> 192) on post-ReLU inputs with
-    # He-scaled weights, against a float64 reference: the float32 Winograd value stays within the elementwise
-    # 1e-5 every impl is held to (with the points 0, 1, -1, 2, 1/2 instead, 71 of conv2's 98,304 values fall
-    # outside it), and both gradients within 1e-5 of their scale (measured: 5e-6 for conv2's dW, the largest).
+    # He-scaled weights, against a float64 reference. Measured with F(4x4, k x k) (batch 2 here; batch 64 gives
+    # the same): at most 1.5e-5 of the scale for 5x5 (conv2's d/dx), 5e-6 for 3x3.
     for k, cin, cout in [(5, 96, 192), (3, 192, 192)]:
         x = np.maximum(rng.standard_normal((2, 16, 16, cin)), 0)
         kernel = rng.standard_normal((k, k, cin, cout)) * np.sqrt(2 / (k * k * cin))
@@ -112,9 +118,8 @@ def test_winograd_matrices_are_exact_and_nin_sized_layer_stays_within_1e5():
         with jax.enable_x64(True):
             ref = [np.asarray(a) for a in value_and_grads("xla", *map(jnp.asarray, (x, kernel, cotangent)))]
         got = value_and_grads("winograd", *(jnp.asarray(a, jnp.float32) for a in (x, kernel, cotangent)))
-        np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5, err_msg=f"{k}x{k} value")
-        _assert_within_scale(got[1], ref[1], 1e-5, f"{k}x{k} d/dx")
-        _assert_within_scale(got[2], ref[2], 1e-5, f"{k}x{k} d/dkernel")
+        for name, actual, desired in zip(("value", "d/dx", "d/dkernel"), got, ref):
+            _assert_within_scale(actual, desired, WINOGRAD_TOL, f"{k}x{k} {name}")
 
 
 def test_eager_matches_jit_and_auto_resolves():

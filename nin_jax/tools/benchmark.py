@@ -1,6 +1,6 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
-    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE]
+    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE or -]
         [--input_batches=50] [--loop_steps=20] [--config.num_cpu_devices=0] [--config.cpu_kernels=true]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
@@ -57,7 +57,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuratio
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed consecutive train steps, and as many inference steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
-_JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+_JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file ('-': one line on stdout).")
 _INPUT_BATCHES = flags.DEFINE_integer(
     "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it and "
     "reports input/img_per_sec as null.")
@@ -153,8 +153,9 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
         out_h, out_w, _ = row.out_shape
         # A stride-s conv runs as a stride-1 conv with ceil(k/s)-tap kernels on s*s times the channels.
         k, s = block.kernel, block.stride
-        th, tw = winograd.tile_grid(out_h, out_w)
-        taps = th * tw * (-(-k // s) + winograd.TILE - 1) ** 2 * s * s
+        kb, m = -(-k // s), winograd.tile_size(-(-k // s))
+        th, tw = winograd.tile_grid(out_h, out_w, m)
+        taps = th * tw * (kb + m - 1) ** 2 * s * s
         saved = 2.0 * row.macs * (1.0 - taps / (out_h * out_w * k * k))
         forward -= saved
         train_step -= saved * (2 if row.name == first_conv else 3)  # the first layer has no input gradient
@@ -394,7 +395,9 @@ def main(argv: Sequence[str]) -> None:
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
     print(format_results(results), flush=True)
-    if _JSON.value:
+    if _JSON.value == "-":  # one line on stdout, for nin_jax.tools.alternate
+        print(json.dumps(results, sort_keys=True), flush=True)
+    elif _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(results, f, indent=1, sort_keys=True)
 
