@@ -1,8 +1,8 @@
 """benchmark: the CLI measures a tiny model end to end and writes every documented key."""
 
-import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -12,7 +12,7 @@ import pytest
 from configs import digits
 from config_helpers import model_config
 from nin_jax import architectures, models
-from nin_jax.tools import benchmark
+from nin_jax.tools import alternate, benchmark
 
 pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
 
@@ -20,16 +20,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_cli_writes_json_with_all_keys(tmp_path):
-    out = tmp_path / "bench.json"
+def test_cli_prints_json_with_all_keys(tmp_path):
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1")  # compile time dominates a tiny model
     proc = subprocess.run(
         [sys.executable, "-m", "nin_jax.benchmark", "--config=configs/digits.py", "--batch_size=64", "--steps=2",
-         "--warmup=1", "--input_batches=2", "--loop_steps=3", "--peak_sizes=128", f"--config.cache_dir={tmp_path}", f"--json={out}"],
+         "--warmup=1", "--input_batches=2", "--loop_steps=3", "--rounds=2", "--peak_sizes=128",
+         f"--config.cache_dir={tmp_path}", "--json=-"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train" in proc.stdout and "MFU" in proc.stdout
-    r = json.loads(out.read_text())
+    r = alternate.last_json_line(proc.stdout)  # '--json=-': one line that nin_jax.tools.alternate reads
     missing = [k for k in benchmark.REQUIRED_KEYS if k not in r]
     assert not missing, missing
     for key in benchmark.REQUIRED_KEYS:
@@ -37,6 +37,10 @@ def test_cli_writes_json_with_all_keys(tmp_path):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     assert r["batch_size"] == 64 and r["device_count"] == jax.device_count()
     assert r["device_kind"] and r["arch"] == "nin_digits"
+    # Step and loop blocks alternate; each figure is the median of its rounds.
+    assert len(r["train/img_per_sec_rounds"]) == len(r["train/loop_img_per_sec_rounds"]) == r["rounds"] == 2
+    assert r["train/img_per_sec"] == pytest.approx(statistics.median(r["train/img_per_sec_rounds"]))
+    assert r["train/loop_img_per_sec"] == pytest.approx(statistics.median(r["train/loop_img_per_sec_rounds"]))
     assert r["train/loop_vs_step"] == pytest.approx(r["train/loop_img_per_sec"] / r["train/img_per_sec"])
     assert "train loop (real data)" in proc.stdout
     # MFU is consistent with the reported throughput, FLOPs and peaks: dividing the median throughput by the
@@ -78,6 +82,8 @@ def test_dataset_shape_and_bad_input():
         benchmark.run(digits.get_config(), steps=0)
     with pytest.raises(ValueError, match="--loop_steps=-1"):
         benchmark.run(digits.get_config(), loop_steps=-1)
+    with pytest.raises(ValueError, match="--rounds=0"):
+        benchmark.run(digits.get_config(), rounds=0)
 
 
 def test_a_missing_dataset_says_how_to_benchmark_without_it(tmp_path):

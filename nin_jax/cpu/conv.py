@@ -9,8 +9,8 @@ over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
 * ``"hybrid"``: XLA's convolution for the value and for dX (a forward convolution of the output
   gradient with the flipped kernel), and the weight gradient ``dW = patches^T @ g`` as GEMMs over patch
   matrices gathered by slicing (`_patch_gemm_dw`); a `jax.custom_vjp`.
-* ``"winograd"``: the value, dX and dW by Winograd F(2x2, kxk) (see `nin_jax.winograd`: 2.8x fewer
-  multiplies for 5x5, float32 error within 1e-5); a `jax.custom_vjp`.
+* ``"winograd"``: the value, dX and dW by Winograd F(4x4, kxk) (see `nin_jax.cpu.winograd`: 6.25x fewer
+  multiplies for 5x5, float32 error within ~1e-5 of the tensor's scale); a `jax.custom_vjp`.
 * ``"auto"`` (what the model uses): ``"winograd"`` for stride-1 layers with a kernel size in
   `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS` input channels, ``"hybrid"`` for the others.
 
@@ -36,9 +36,9 @@ CHOICES = ("auto",) + IMPLS
 # The weight gradient of "hybrid" builds the full im2col matrix up to this contraction length k*k*cin
 # (NIN-CIFAR10 conv1: 75), and one patch matrix per kernel row beyond it (conv2: 2400, conv3: 1728).
 FULL_IM2COL_MAX_CONTRACTION = 512
-# "auto" uses "winograd" for KxK convs with at least this many input channels (NIN's conv2 and conv3,
-# 96 and 192 channels: ~1.6x faster than XLA's convolution); on few channels (conv1: 3) the transformed
-# 192-channel output tiles cost more memory traffic than the multiplies saved.
+# "auto" uses "winograd" for KxK convs with at least this many input channels (NIN's conv2 and conv3, 96 and
+# 192 channels); on few channels (conv1: 3) the transformed 192-channel output tiles cost more memory traffic
+# than the multiplies saved (docs/performance.md).
 WINOGRAD_MIN_CHANNELS = 64
 # Kernel sizes "auto" computes by Winograd: those whose float32 error is tested (tests/test_cpu_conv.py);
 # the error grows quickly with larger kernels (more, and larger, interpolation points).

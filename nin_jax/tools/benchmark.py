@@ -1,14 +1,16 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
-    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--json=FILE or -]
-        [--input_batches=50] [--loop_steps=20] [--config.num_cpu_devices=0] [--config.cpu_kernels=true]
+    python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--rounds=2]
+        [--loop_steps=20] [--input_batches=50] [--json=FILE or -] [--config.num_cpu_devices=0]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
-times `--steps` consecutive train steps and then `--steps` inference steps on a synthetic batch, each to
-`block_until_ready`, after `--warmup` untimed ones; throughputs are medians. Beside the step alone,
-`train/loop_img_per_sec` times `--loop_steps` consecutive steps as the training loop runs them: fed by the
-real input pipeline, with the dataset resident in the process. Both that and `--input_batches` need the
-dataset; `--input_batches=0 --loop_steps=0` benchmarks synthetic batches only.
+runs `--rounds` rounds of two blocks: `--steps` consecutive train steps on a synthetic batch, each to
+`block_until_ready` (`train/img_per_sec`), and `--loop_steps` consecutive steps as the training loop runs
+them (`train/loop_img_per_sec`): fed by the real input pipeline, the dataset resident in the process, metrics
+merged, steps dispatched ahead. A block's figure is its images over its wall time (slow steps count, as in a
+run; `train/img_per_sec_median_step` is the median single step's rate), and each throughput is the median over
+rounds. Then `--steps` inference steps. The loop and `--input_batches` need the dataset; `--input_batches=0
+--loop_steps=0` benchmarks synthetic batches only.
 
 MFU is achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the mean
 of the matmul peaks measured just before and after the block. For the peak every device multiplies square
@@ -24,7 +26,7 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuratio
 _BATCH = flags.DEFINE_integer("batch_size", None, "Global batch (default: config.batch_size).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed consecutive train steps, and as many inference steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 2, "Rounds of a block of --steps train steps alone and then one of --loop_steps loop steps; each "
+    "figure is the median over rounds.")
 _JSON = flags.DEFINE_string("json", None, "Write the results to this JSON file ('-': one line on stdout).")
 _INPUT_BATCHES = flags.DEFINE_integer(
     "input_batches", 50, "Batches timed through the real input pipeline (needs the dataset); 0 skips it and "
@@ -163,12 +168,12 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
 
 
 def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, input_batches: int = 0,
-        loop_steps: int = 0, peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None
+        loop_steps: int = 0, rounds: int = 1, peak_sizes: Sequence[int] = (1024, 2048), trace_dir: str | None = None
         ) -> dict[str, Any]:
     """Benchmarks `config` on the devices jax already sees; returns the results as a flat dict."""
-    if steps < 1 or warmup < 0 or input_batches < 0 or loop_steps < 0:
-        raise ConfigError(f"--steps={steps} must be >= 1, and --warmup={warmup}, --input_batches={input_batches} "
-                          f"and --loop_steps={loop_steps} >= 0.")
+    if steps < 1 or rounds < 1 or warmup < 0 or input_batches < 0 or loop_steps < 0:
+        raise ConfigError(f"--steps={steps} and --rounds={rounds} must be >= 1, and --warmup={warmup}, "
+                          f"--input_batches={input_batches} and --loop_steps={loop_steps} >= 0.")
     mesh = mesh_lib.create_mesh()
     batch_sharding = mesh_lib.data_sharding(mesh)
     data.check_batch_layout(batch_sharding, config.batch_size, "config.batch_size")
@@ -189,37 +194,29 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
         raise ConfigError(f"{e} (--input_batches=0 --loop_steps=0 benchmark synthetic batches of "
                           f"{config.dataset}'s shape without the dataset)") from e
     try:
-        return _run(config, mesh, pipeline, steps=steps, warmup=warmup, loop_steps=loop_steps,
+        return _run(config, mesh, pipeline, steps=steps, warmup=warmup, loop_steps=loop_steps, rounds=rounds,
                     peak_sizes=peak_sizes, trace_dir=trace_dir) | input_results
     finally:
         if pipeline is not None:
             pipeline.close()
 
 
-def measure_training_loop(step_fn: Callable, state: train.TrainState, pipeline: data.Pipeline, batch_size: int,
-                          steps: int, warmup: int) -> float:
-    """Global img/s of ``steps`` consecutive train steps fed by ``pipeline``'s training batches, merging the
-    metrics as the training loop does, after ``warmup`` untimed steps."""
-    batches = pipeline.train_batches(0)
-    try:
-        for _ in range(max(warmup, 1)):  # the first also compiles the step for the pipeline's batch layout
-            state, _ = step_fn(state, next(batches))
-        jax.block_until_ready(state)
-        merged = None
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, m = step_fn(state, next(batches))
-            merged = m if merged is None else merged.merge(m)
-        jax.block_until_ready((state, merged))
-        elapsed = time.perf_counter() - start
-    finally:
-        batches.close()
-    return steps * batch_size / elapsed
+def time_training_loop(step_fn: Callable, state: train.TrainState, batches: Iterator[dict[str, jax.Array]],
+                       batch_size: int, steps: int) -> tuple[float, train.TrainState]:
+    """Global img/s of ``steps`` consecutive train steps fed by ``batches``, merging the metrics as the training
+    loop does (steps dispatched ahead, one wait at the end); returns it with the new state."""
+    merged = None
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = step_fn(state, next(batches))
+        merged = m if merged is None else merged.merge(m)
+    jax.block_until_ready((state, merged))
+    return steps * batch_size / (time.perf_counter() - start), state
 
 
 def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: data.Pipeline | None, *,
-         steps: int, warmup: int, loop_steps: int, peak_sizes: Sequence[int], trace_dir: str | None
-         ) -> dict[str, Any]:
+         steps: int, warmup: int, loop_steps: int, rounds: int, peak_sizes: Sequence[int],
+         trace_dir: str | None) -> dict[str, Any]:
     batch_sharding = mesh_lib.data_sharding(mesh)
     image_shape, num_classes = dataset_shape(config, pipeline)
     dtype = train.compute_dtype(config)
@@ -260,10 +257,10 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         return holder["state"].step, m
 
     # Train and inference steps are timed in blocks of consecutive calls, as they run in training (a step
-    # timed right after a matmul peak or an inference step ran up to 20% slower), with the
-    # matmul peak measured before and after each block: on a shared host the machine's speed drifts by 10-50%
-    # within minutes, so a block's MFU divides by the mean of its two neighbouring peaks. `*/mfu_vs_max_peak`
-    # divides by the highest peak of the whole run instead (the most conservative reading).
+    # timed right after a matmul peak or an inference step ran up to 20% slower), with the matmul peak measured
+    # around the blocks: on a shared host the machine's speed drifts by 10-50% within minutes, so MFU divides by
+    # the mean of the peaks around the blocks timed. `*/mfu_vs_max_peak` divides by the highest peak of the whole
+    # run instead (the most conservative reading).
     peak_dtype = jnp.bfloat16 if config.half_precision else jnp.float32
 
     def peak() -> float:
@@ -271,27 +268,42 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
 
     for _ in range(warmup):
         jax.block_until_ready(infer(holder["state"], batch["image"]))
-    load_start = os.getloadavg()[0]
-    peaks = [peak()]
-    train_times = _time_calls(one_train_step, steps, warmup)
-    peaks.append(peak())
-    train_peak = (peaks[-2] + peaks[-1]) / 2
+    loop_batches = pipeline.train_batches(0) if loop_steps > 0 else None
+    try:
+        if loop_batches is not None:  # compiles the step for the pipeline's batch layout, untimed
+            for _ in range(max(warmup, 1)):
+                holder["state"], _ = step_fn(holder["state"], next(loop_batches))
+        load_start = os.getloadavg()[0]
+        # The step alone and the loop alternate, round after round, so that their ratio is measured in one
+        # state of the machine; each figure is the median over rounds of a block's images / wall time.
+        peaks = [peak()]
+        train_times, train_rates, loop_rates = [], [], []
+        for r in range(rounds):
+            times = _time_calls(one_train_step, steps, warmup if r == 0 else 0)
+            train_times += times
+            train_rates.append(steps * batch_size / sum(times))
+            peaks.append(peak())
+            if loop_batches is not None:
+                rate, holder["state"] = time_training_loop(step_fn, holder["state"], loop_batches, batch_size,
+                                                           loop_steps)
+                loop_rates.append(rate)
+    finally:
+        if loop_batches is not None:
+            loop_batches.close()
+    train_peak = statistics.mean(peaks)
     infer_times = _time_calls(lambda: infer(holder["state"], batch["image"]), steps, 0)
     peaks.append(peak())
     infer_peak = (peaks[-2] + peaks[-1]) / 2
     if trace_dir:
         with jax.profiler.trace(trace_dir):
             _time_calls(one_train_step, 3, 0)
-    # Last: it consumes the (donated) state.
-    loop_ips = None
-    if loop_steps > 0:
-        loop_ips = measure_training_loop(step_fn, holder.pop("state"), pipeline, batch_size, loop_steps, warmup)
     load_end = os.getloadavg()[0]
     memory_key, memory_bytes = _peak_memory_bytes()
 
     f32 = measure_matmul_peak(mesh, jnp.float32, peak_sizes, reps=3)
     bf16 = measure_matmul_peak(mesh, jnp.bfloat16, peak_sizes, reps=3)
-    train_ips = batch_size / statistics.median(train_times)
+    train_ips = statistics.median(train_rates)
+    loop_ips = statistics.median(loop_rates) if loop_rates else None
     infer_ips = batch_size / statistics.median(infer_times)
     train_mfu = train_flops * train_ips / train_peak
     infer_mfu = fwd_flops * infer_ips / infer_peak
@@ -300,6 +312,9 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         "train/img_per_sec": train_ips,
         "train/loop_img_per_sec": loop_ips,
         "train/loop_vs_step": None if loop_ips is None else loop_ips / train_ips,
+        "train/img_per_sec_rounds": train_rates,
+        "train/loop_img_per_sec_rounds": loop_rates or None,
+        "train/img_per_sec_median_step": batch_size / statistics.median(train_times),
         "infer/img_per_sec": infer_ips,
         "train/step_ms_median": 1e3 * statistics.median(train_times),
         "train/step_ms_min": 1e3 * min(train_times),
@@ -333,6 +348,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         "device_count": jax.device_count(),
         "batch_size": batch_size,
         "steps": steps,
+        "rounds": rounds,
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
         "cpu_kernels": model.cpu_kernels,
@@ -343,6 +359,10 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         "transparent_hugepage_mode": hostenv.transparent_hugepage_mode(),
     }
     return results
+
+
+def _rates(rates: Sequence[float] | None) -> str:
+    return "skipped" if rates is None else " / ".join(f"{v:.1f}" for v in rates)
 
 
 def format_results(r: dict[str, Any]) -> str:
@@ -359,6 +379,8 @@ def format_results(r: dict[str, Any]) -> str:
         f"{r['infer/gflops_per_sec']:>10.1f}{r['infer/mfu']:>8.3f}{r['infer/mfu_vs_max_peak']:>13.3f}",
         f"{'train loop (real data)':<22}{fmt(r['train/loop_img_per_sec'], '>10.1f')}"
         + ("" if r["train/loop_vs_step"] is None else f"  ({r['train/loop_vs_step']:.2f} x the step alone)"),
+        f"rounds ({r['rounds']}): step {_rates(r['train/img_per_sec_rounds'])}; loop "
+        f"{_rates(r['train/loop_img_per_sec_rounds'])}; median single step {r['train/img_per_sec_median_step']:.1f}",
         f"{'input pipeline':<22}{fmt(r['input/img_per_sec'], '>10.1f')}",
         f"model GFLOP/image: forward {r['gflops_per_image_forward']:.3f}, train {r['gflops_per_image_train']:.3f}; "
         f"as executed (Winograd's multiplies): forward {r['gflops_per_image_forward_executed']:.3f}, train "
@@ -390,7 +412,7 @@ def main(argv: Sequence[str]) -> None:
     try:
         hostenv.prepare(config)
         results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
-                      loop_steps=_LOOP_STEPS.value,
+                      loop_steps=_LOOP_STEPS.value, rounds=_ROUNDS.value,
                       peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
     except ConfigError as e:
         raise app.UsageError(str(e)) from e
