@@ -15,6 +15,7 @@ and conv3 (3x3, 192 -> 192), per-device batch 64, max error / max |value|: with 
 `kernel_grad` is the weight gradient by the same transforms (transposed); the input gradient is itself a
 correlation (of the output gradient with the flipped kernel), so `conv_valid` computes it too.
 """
+
 from __future__ import annotations
 
 import functools
@@ -145,7 +146,7 @@ def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: list[jax.Array] | None =
 
 def kernel_grad(tiles: list[jax.Array], g: jax.Array, k: int, m: int | None = None) -> jax.Array:
     """Gradient of ``sum(conv_valid(xp, kernel) * g)`` with respect to the (k, k, cin, cout) kernel, given the
-    input's ``tiles = input_tiles(xp, k)``.
+    input's ``tiles = input_tiles(xp, k, m)``; ``m``: the tile size (default `tile_size(k)`).
 
     The transposes of `conv_valid`'s maps, written out: the output gradient's tile phases go through
     ``A`` (``dM = A g A^T`` per tile), each tile position is one GEMM ``dU = V^T dM`` contracting over all tiles

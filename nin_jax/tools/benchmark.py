@@ -13,7 +13,7 @@ rounds. Then `--steps` inference steps. The loop and `--input_batches` need the 
 --loop_steps=0` benchmarks synthetic batches only.
 
 MFU is achieved model FLOP/s (analytic FLOPs from `architectures`, every kernel tap counted) over the mean
-of the matmul peaks measured just before and after the block. For the peak every device multiplies square
+of the matmul peaks measured around the blocks. For the peak every device multiplies square
 matrices at once, and on CPU, where host devices share the same cores, a single-device matmul counts too;
 the larger rate is the peak.
 Peak memory is the process's peak RSS on CPU and the devices' `peak_bytes_in_use` elsewhere.
@@ -273,6 +273,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         if loop_batches is not None:  # compiles the step for the pipeline's batch layout, untimed
             for _ in range(max(warmup, 1)):
                 holder["state"], _ = step_fn(holder["state"], next(loop_batches))
+            jax.block_until_ready(holder["state"])
         load_start = os.getloadavg()[0]
         # The step alone and the loop alternate, round after round, so that their ratio is measured in one
         # state of the machine; each figure is the median over rounds of a block's images / wall time.
