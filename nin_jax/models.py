@@ -16,7 +16,7 @@ import ml_collections
 from nin_jax import architectures
 from nin_jax.architectures import BlockSpec
 from nin_jax.config import ConfigError, get_config
-from nin_jax.cpu import batchnorm as cpu_batchnorm, conv as cpu_conv, pooling
+from nin_jax.cpu import batchnorm as cpu_batchnorm, conv as cpu_conv, dense as cpu_dense, pooling
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)
 BN_MOMENTUM = 0.9  # running-average decay; Torch's momentum=0.1
@@ -89,6 +89,7 @@ class MLPConv(nn.Module):
                 x = nn.Dense(
                     width, use_bias=not self.batch_norm, kernel_init=kinit, dtype=self.dtype,
                     param_dtype=jnp.float32, name=f"mlp{j}",
+                    dot_general=cpu_dense.dot_general if self.cpu_kernels else None,
                 )(x)
             relu = self.final_relu or j < len(self.widths) - 1
             if self.batch_norm and self.cpu_kernels and train:  # the same variables as nn.BatchNorm's
