@@ -156,14 +156,19 @@ def _install_orbax_leftovers_filter() -> None:
 
 class _DropOrbaxTaskLeftovers(logging.Filter):
     """asyncio's "Task exception was never retrieved" for the same abandoned Orbax reads (logged when the
-    task is garbage-collected, so some runs print it and some do not)."""
+    task is garbage-collected, so some runs print it and some do not). A read is either an Orbax coroutine or
+    a TensorStore future that Orbax handed to asyncio; the latter's traceback holds only asyncio's frame
+    awaiting it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.exc_info and record.getMessage().startswith("Task exception was never retrieved")):
             return True
         tb = record.exc_info[2]
         while tb is not None:
-            if "/orbax/" in tb.tb_frame.f_code.co_filename.replace(os.sep, "/"):
+            frame = tb.tb_frame
+            if "/orbax/" in frame.f_code.co_filename.replace(os.sep, "/"):
+                return False
+            if type(frame.f_locals.get("awaitable")).__module__.split(".")[0] == "tensorstore":
                 return False
             tb = tb.tb_next
         return True
