@@ -96,12 +96,12 @@ def _tiles(xp: jax.Array, k: int, m: int) -> tuple[int, int, int, int]:
     return out_h, out_w, *tile_grid(out_h, out_w, m)
 
 
-def input_tiles(xp: jax.Array, k: int, m: int | None = None) -> list[jax.Array]:
+def input_tiles(xp: jax.Array, k: int) -> list[jax.Array]:
     """``V = B^T d B`` of every input tile d of ``xp``: n*n arrays (one per tile position), each (b*th*tw, cin).
 
     Kept as separate arrays, not stacked: XLA computes each in one fused pass, and a stack would copy all.
     """
-    m = m or tile_size(k)
+    m = tile_size(k)
     n = m + k - 1
     b_t = matrices(k, m)[2]
     b, h, w, cin = xp.shape
@@ -121,19 +121,18 @@ def _g_matrix(k: int, m: int) -> np.ndarray:
     return matrices(k, m)[1].astype(np.float32)
 
 
-def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: list[jax.Array] | None = None,
-               m: int | None = None) -> jax.Array:
+def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: list[jax.Array] | None = None) -> jax.Array:
     """Valid stride-1 correlation of NHWC ``xp`` with HWIO ``kernel`` (square k x k), by F(m x m, k x k).
 
-    ``tiles``: ``input_tiles(xp, k, m)`` if already computed; ``m``: the tile size (default `tile_size(k)`).
+    ``tiles``: ``input_tiles(xp, k)`` if already computed; ``m`` is `tile_size(k)`.
     """
     k, _, cin, cout = kernel.shape
-    m = m or tile_size(k)
+    m = tile_size(k)
     n = m + k - 1
     a_t, g = matrices(k, m)[0], _g_matrix(k, m)
     b = xp.shape[0]
     out_h, out_w, th, tw = _tiles(xp, k, m)
-    tiles = input_tiles(xp, k, m) if tiles is None else tiles
+    tiles = input_tiles(xp, k) if tiles is None else tiles
     u = jnp.einsum("ia,abcd,jb->ijcd", g, kernel, g,
                    precision=lax.Precision.HIGHEST).astype(kernel.dtype).reshape(n * n, cin, cout)
     # One GEMM per tile position, summing over input channels.
@@ -144,16 +143,16 @@ def conv_valid(xp: jax.Array, kernel: jax.Array, tiles: list[jax.Array] | None =
     return y.reshape(b, th * m, tw * m, cout)[:, :out_h, :out_w]
 
 
-def kernel_grad(tiles: list[jax.Array], g: jax.Array, k: int, m: int | None = None) -> jax.Array:
+def kernel_grad(tiles: list[jax.Array], g: jax.Array, k: int) -> jax.Array:
     """Gradient of ``sum(conv_valid(xp, kernel) * g)`` with respect to the (k, k, cin, cout) kernel, given the
-    input's ``tiles = input_tiles(xp, k, m)``; ``m``: the tile size (default `tile_size(k)`).
+    input's ``tiles = input_tiles(xp, k)``.
 
     The transposes of `conv_valid`'s maps, written out: the output gradient's tile phases go through
     ``A`` (``dM = A g A^T`` per tile), each tile position is one GEMM ``dU = V^T dM`` contracting over all tiles
     of the batch, and ``dW = G^T dU G``. (JAX's own transpose of `conv_valid` computes the same but lays out
     the GEMMs ~10x slower on XLA:CPU.)
     """
-    m = m or tile_size(k)
+    m = tile_size(k)
     n = m + k - 1
     a_t, gm = matrices(k, m)[0], _g_matrix(k, m)
     cin, cout = tiles[0].shape[-1], g.shape[-1]

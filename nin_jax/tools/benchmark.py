@@ -158,7 +158,8 @@ def executed_flops_per_image(model: models.NIN, rows: Sequence[architectures.Lay
         out_h, out_w, _ = row.out_shape
         # A stride-s conv runs as a stride-1 conv with ceil(k/s)-tap kernels on s*s times the channels.
         k, s = block.kernel, block.stride
-        kb, m = -(-k // s), winograd.tile_size(-(-k // s))
+        kb = -(-k // s)
+        m = winograd.tile_size(kb)
         th, tw = winograd.tile_grid(out_h, out_w, m)
         taps = th * tw * (kb + m - 1) ** 2 * s * s
         saved = 2.0 * row.macs * (1.0 - taps / (out_h * out_w * k * k))
