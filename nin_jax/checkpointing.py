@@ -68,6 +68,8 @@ RESTORE_BACKOFF_S = 1.0
 # Tensorstore reports errors as ValueError('<ABSL_STATUS_CODE>: ...'). These codes mean the bytes on storage are
 # missing or not what was written; UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED etc. mean the storage did not answer.
 _DAMAGE_CODES = ("NOT_FOUND", "DATA_LOSS", "OUT_OF_RANGE")
+# Stored bytes that no longer decompress (e.g. a damaged zstd frame header) are reported as FAILED_PRECONDITION.
+_UNDECODABLE_TEXT = "decompress"
 _TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "RESOURCE_EXHAUSTED", "INTERNAL",
                     "UNKNOWN", "PERMISSION_DENIED", "UNAUTHENTICATED")
 _STATUS_RE = re.compile(r"^\s*([A-Z_]+):")
@@ -80,13 +82,13 @@ def _status_code(error: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def exception_chain(error: BaseException):
-    """`error`, then the exceptions it was raised from or while handling, innermost last."""
+def exception_chain(error: BaseException, *, implicit: bool = True):
+    """`error`, then the exceptions it was raised from (and, if ``implicit``, while handling), innermost last."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         yield error
-        error = error.__cause__ or error.__context__
+        error = error.__cause__ or (error.__context__ if implicit else None)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -97,16 +99,23 @@ def is_disk_full(error: BaseException) -> bool:
 
 def classify_read_error(error: BaseException) -> str:
     """'damaged' (proven: missing or unparsable files, digest mismatch), 'transient' (storage did not answer:
-    retry) or 'other' (e.g. a restore target that does not match the saved structure: a config change)."""
-    if isinstance(error, CorruptCheckpointError) or isinstance(error, (FileNotFoundError, json.JSONDecodeError)):
-        return "damaged"
-    if isinstance(error, KeyError) and "was not found in the checkpoint" in str(error):
-        return "damaged"  # a whole item directory is missing
-    code = _status_code(error)
-    if code in _DAMAGE_CODES:
-        return "damaged"
-    if code in _TRANSIENT_CODES or isinstance(error, (OSError, TimeoutError, ConnectionError)):
-        return "transient"
+    retry) or 'other' (e.g. a restore target that does not match the saved structure: a config change).
+
+    Orbax re-raises a failed TensorStore read as a plain `Exception` *from* it, so the explicit causes
+    (`raise ... from`) are classified too; the implicit context is not, as it may be an unrelated error.
+    """
+    causes = list(exception_chain(error, implicit=False))
+    for e in causes:
+        if isinstance(e, (CorruptCheckpointError, FileNotFoundError, json.JSONDecodeError)):
+            return "damaged"
+        if isinstance(e, KeyError) and "was not found in the checkpoint" in str(e):
+            return "damaged"  # a whole item directory is missing
+        code = _status_code(e)
+        if code in _DAMAGE_CODES or (code == "FAILED_PRECONDITION" and _UNDECODABLE_TEXT in str(e)):
+            return "damaged"
+    for e in causes:
+        if _status_code(e) in _TRANSIENT_CODES or isinstance(e, (OSError, TimeoutError, ConnectionError)):
+            return "transient"
     return "other"
 
 

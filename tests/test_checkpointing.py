@@ -119,6 +119,22 @@ def test_read_errors_are_classified():
     assert classify(ValueError("UNAVAILABLE: try again")) == "transient"
     assert classify(ConnectionResetError()) == "transient"
     assert classify(ValueError("Structure mismatch: Target path ('x',) not found")) == "other"
+    # Orbax re-raises a failed TensorStore read from it: the cause decides.
+    undecodable = ValueError('FAILED_PRECONDITION: Error reading "params.w/0.0" in OCDBT database at local file '
+                             '"/w/checkpoints/16/state/": ZSTD_decompressStream() failed: Unknown frame descriptor')
+    for cause, kind in ((undecodable, "damaged"), (ValueError("UNAVAILABLE: try again"), "transient"),
+                        (ValueError("FAILED_PRECONDITION: generation mismatch"), "other")):
+        try:
+            raise Exception("Encountered error while reading array index: (slice(0, 24, 1),).") from cause
+        except Exception as wrapped:  # noqa: BLE001
+            assert classify(wrapped) == kind
+    try:  # an unrelated error being handled when the read failed is not its cause
+        try:
+            raise FileNotFoundError("optional metadata")
+        except FileNotFoundError:
+            raise ValueError("Structure mismatch: Target path ('x',) not found")  # noqa: B904
+    except ValueError as e:
+        assert classify(e) == "other"
     assert checkpointing.is_disk_full(OSError(errno.ENOSPC, "No space"))
     assert checkpointing.is_disk_full(ValueError('RESOURCE_EXHAUSTED: Failed to write 264327 bytes to file 15: No '
                                                  "space left on device [os_error_code='28']"))
