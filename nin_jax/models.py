@@ -140,6 +140,9 @@ class NIN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, return_class_maps: bool = False):
+        if not jnp.issubdtype(x.dtype, jnp.floating):  # e.g. uint8 pixels that skipped their normalisation
+            raise TypeError(f"NIN takes normalised floating-point images, got {x.dtype}; batches taken with "
+                            "normalize=False need data.Pipeline.device_normalize first")
         x = x.astype(self.dtype)
         specs = self.block_specs
         n = len(specs)

@@ -136,9 +136,18 @@ def train_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes
     return new_state, {"loss": loss, "top1": top1}
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_classes: int,
-                    mesh: jax.sharding.Mesh) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
-    """The compiled step for `config.parallelism`: state replicated and donated, batch split over `data`."""
+def _unchanged(images: jax.Array) -> jax.Array:
+    return images
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh,
+                    prepare: Callable[[jax.Array], jax.Array] = _unchanged,
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, TrainMetrics]]:
+    """The compiled step for `config.parallelism`: state replicated and donated, batch split over `data`.
+
+    ``prepare`` maps the batch's images to the model's input inside the step (`data.Pipeline.device_normalize`
+    for batches taken with ``normalize=False``).
+    """
     repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
     if config.parallelism == "shard_map" and model.batch_norm:
         model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)  # per-device BN statistics averaged over the batch
@@ -153,7 +162,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
         raise ConfigError(f"config.parallelism={config.parallelism!r}; choose 'jit' or 'shard_map'.")
 
     def step_with_metrics(state, batch):
-        new_state, m = step(state, batch)
+        new_state, m = step(state, {**batch, "image": prepare(batch["image"])})
         return new_state, TrainMetrics.single_from_model_output(**m)
 
     return jax.jit(step_with_metrics, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=0)
@@ -171,10 +180,15 @@ def eval_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes:
     )
 
 
-def make_eval_step(model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh) -> Callable[[TrainState, dict], EvalMetrics]:
+def make_eval_step(model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh,
+                   prepare: Callable[[jax.Array], jax.Array] = _unchanged) -> Callable[[TrainState, dict], EvalMetrics]:
+    """The compiled `eval_step`; ``prepare`` as in `make_train_step`."""
     repl, data = mesh_lib.replicated(mesh), mesh_lib.data_sharding(mesh)
-    return jax.jit(functools.partial(eval_step, model=model, num_classes=num_classes),
-                   in_shardings=(repl, data), out_shardings=repl)
+
+    def step(state, batch):
+        return eval_step(state, {**batch, "image": prepare(batch["image"])}, model=model, num_classes=num_classes)
+
+    return jax.jit(step, in_shardings=(repl, data), out_shardings=repl)
 
 
 def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
@@ -364,8 +378,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
     print(f"{config.model.arch}: {num_params:,} params, {jax.device_count()} devices on {jax.process_count()} "
           f"process(es), {num_steps} steps ({steps_per_epoch}/epoch) of batch {config.batch_size}", flush=True)
 
-    p_train_step = make_train_step(config, model, info.num_classes, mesh)
-    p_eval_step = make_eval_step(model, info.num_classes, mesh)
+    # Large images travel as uint8 and are normalised inside the compiled steps, on the accelerator.
+    p_train_step = make_train_step(config, model, info.num_classes, mesh, pipeline.device_normalize)
+    p_eval_step = make_eval_step(model, info.num_classes, mesh, pipeline.device_normalize)
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                              every_steps=config.log_every_steps)]
     if config.profile and is_chief:
@@ -406,7 +421,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
         """Evaluates after every checkpoint is committed (a failing evaluation never costs training), logs, and
         attaches the best-checkpoint metric to the checkpoint of `step` if one was saved."""
         mngr.wait_until_finished()
-        ev = evaluate(p_eval_step, state, pipeline.eval_batches())
+        ev = evaluate(p_eval_step, state, pipeline.eval_batches(normalize=False))
         eval_scalars = {k: v for k, v in ev.items() if k != "eval/num_examples"}
         writer.write_scalars(step, eval_scalars)
         metrics_log.write(step, eval_scalars)
@@ -424,7 +439,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
     preemption = PreemptionWatcher()
     done = start_step
     try:
-        train_iter = pipeline.train_batches(start_step)
+        train_iter = pipeline.train_batches(start_step, normalize=False)
         for step in range(start_step, num_steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(train_iter)

@@ -92,3 +92,18 @@ def test_a_missing_dataset_says_how_to_benchmark_without_it(tmp_path):
     for kwargs in (dict(input_batches=1), dict(loop_steps=1)):
         with pytest.raises(ValueError, match=r"(?s)not prepared.*--input_batches=0 --loop_steps=0"):
             benchmark.run(config, **kwargs)
+
+
+def test_large_images_are_benchmarked_as_the_training_loop_takes_them(tmp_path):
+    """Large images arrive as uint8 and are normalised inside the step: the synthetic step, inference and the
+    real-data loop all run that way (the model refuses un-normalised images, so a missed lookup fails here)."""
+    from data_helpers import write_image_folder  # pylint: disable=import-outside-toplevel
+
+    config = digits.get_config()
+    config.dataset, config.data_dir = "image_folder", write_image_folder(tmp_path / "folder", {"train": 8, "test": 2},
+                                                                          size=None)
+    config.image_size, config.cache_dir = 8, str(tmp_path / "cache")
+    config.augment.random_resized_crop, config.augment.eval_resize = True, 10
+    config.batch_size = config.eval_batch_size = 8
+    r = benchmark.run(config, steps=1, warmup=1, loop_steps=2, rounds=1, peak_sizes=(64,))
+    assert r["train/img_per_sec"] > 0 and r["train/loop_img_per_sec"] > 0 and r["infer/img_per_sec"] > 0

@@ -138,6 +138,33 @@ def test_image_folder_large_images(tmp_path, sharding):
     assert sum(float(b["mask"].sum()) for b in pipeline.eval_batches()) == 6
 
 
+def test_large_images_can_travel_as_uint8_and_be_normalised_in_the_step(tmp_path, sharding):
+    """normalize=False leaves the crops uint8; `device_normalize`, compiled into a step, gives exactly the batches
+    that normalize=True gives, and leaves already normalised images alone."""
+    root = write_image_folder(tmp_path / "folder", {"train": 6, "val": 2}, size=None)
+    config = make_config(
+        tmp_path, dataset="image_folder", data_dir=root, eval_split="val", image_size=16, batch_size=8,
+        eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
+    )
+    pipeline = data.Pipeline(config, sharding)
+    assert pipeline.transfer_dtype == np.uint8
+    normalize = jax.jit(pipeline.device_normalize)
+    raw, done = _take(pipeline.train_batches(3, normalize=False), 2), _take(pipeline.train_batches(3), 2)
+    eval_raw = _take(pipeline.eval_batches(with_raw=True, normalize=False), 1)[0]
+    eval_done = _take(pipeline.eval_batches(), 1)[0]
+    for r, d in zip([*raw, eval_raw], [*done, eval_done]):
+        assert r["image"].dtype == np.uint8 and d["image"].dtype == np.float32
+        np.testing.assert_array_equal(normalize(r["image"]), d["image"])
+        np.testing.assert_array_equal(r["label"], d["label"])
+    np.testing.assert_array_equal(eval_raw["raw"], eval_raw["image"])
+    np.testing.assert_array_equal(normalize(done[0]["image"]), done[0]["image"])
+
+    small = data.Pipeline(make_config(tmp_path), sharding)  # in memory: normalised on the host either way
+    assert small.transfer_dtype == np.float32
+    np.testing.assert_array_equal(_take(small.train_batches(normalize=False), 1)[0]["image"],
+                                  _take(small.train_batches(), 1)[0]["image"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Augmentation, exactly-once evaluation, process shards, resumption.
 

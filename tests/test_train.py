@@ -1,5 +1,6 @@
 """The training step and loop: device-count and parallelism invariance, learning, workdir contents, CLI."""
 
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 from config_helpers import with_overrides
 from configs import digits
 from nin_jax import mesh as mesh_lib, models, optim, train
+from nin_jax.data import loader, preprocessing
 from nin_jax.config import ConfigError
 
 NUM_CLASSES = 10
@@ -66,6 +68,34 @@ def test_jit_and_shard_map_steps_agree():
     np.testing.assert_allclose(lj, ls, rtol=1e-5)
     _assert_trees_close(pj, ps)
     _assert_trees_close(sj, ss)
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "shard_map"])
+def test_images_normalised_inside_the_step_train_exactly_as_normalised_batches(parallelism):
+    """The training loop hands large images over as uint8 and normalises them inside the step (`prepare`)."""
+    config = small_config(parallelism=parallelism)
+    mesh = mesh_lib.create_mesh(jax.devices())
+    model = models.create_model(config.model, NUM_CLASSES)
+    lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
+    normalizer = preprocessing.Normalizer("standardize", {"mean": np.float32([100.0]), "std": np.float32([60.0])})
+    table = normalizer.pixel_table(1)
+    pixels = np.random.default_rng(0).integers(0, 256, (16, *IMAGE_SHAPE), np.uint8)
+    labels = np.arange(16, dtype=np.int32) % NUM_CLASSES
+    sharding = mesh_lib.data_sharding(mesh)
+    states = []
+    for images, prepare in [(normalizer(pixels), None), (pixels, functools.partial(loader.pixel_lookup, table))]:
+        step = train.make_train_step(config, model, NUM_CLASSES, mesh, *([prepare] if prepare else []))
+        state = train.create_train_state(config, model, IMAGE_SHAPE, lr_fn, mesh)
+        state, _ = step(state, jax.device_put({"image": images, "label": labels}, sharding))
+        states.append(jax.device_get((state.params, state.batch_stats)))
+    for x, y in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_the_model_refuses_images_that_were_not_normalised():
+    model = models.create_model(small_config().model, NUM_CLASSES)
+    with pytest.raises(TypeError, match="device_normalize"):
+        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros((2, *IMAGE_SHAPE), jnp.uint8))
 
 
 def test_caffe_sgd_applies_lr_before_momentum_with_per_layer_multipliers():

@@ -6,7 +6,8 @@ Two paths read examples; both take their order from `order` and hand batches to 
   normalised once and kept in the process `Cache`; a training batch gathers rows and translates + flips them.
 * Per example (ImageNet, image folders with ``augment.random_resized_crop``): each example is read and decoded
   when its batch is built, cropped to ``image_size`` (random-resized crop + flip for training, resize + center
-  crop for evaluation) and normalised. Nothing is held in memory.
+  crop for evaluation) and sent to the devices as uint8, where a pixel table normalises it (in the prefetch
+  thread, or inside the consumer's step with ``normalize=False``). Nothing is held in memory.
 
 Evaluation visits every example exactly once: the last batch is padded and its padding carries ``mask == 0``.
 """
@@ -253,18 +254,13 @@ class _PerExample:
             self._pool.close()
 
 
-def _pixel_lookup(table: np.ndarray, sharding: jax.sharding.NamedSharding) -> Callable[[jax.Array], jax.Array]:
-    """uint8 [B, H, W, C] -> float32 ``table[x, c]`` on the devices: the normaliser's exact output, computed
-    where the batch already is, so the host decodes and transfers uint8 only (a quarter of the bytes)."""
+def pixel_lookup(table: np.ndarray, images: jax.Array) -> jax.Array:
+    """uint8 [..., C] -> float32 ``table[x, c]``: a normaliser's exact output (`Normalizer.pixel_table`), computed
+    where the images already are, so the host decodes and transfers uint8 only (a quarter of the bytes)."""
     channels = table.shape[1]
-
-    @functools.partial(jax.jit, out_shardings=sharding)
-    def lookup(images: jax.Array) -> jax.Array:
-        # A 1-D take from the flattened table: half the cost of a two-index gather on XLA:CPU (measured).
-        flat = images.astype(jnp.int32) * channels + jnp.arange(channels)
-        return jnp.take(jnp.asarray(table.reshape(-1)), flat, mode="clip")  # in range by construction
-
-    return lookup
+    # A 1-D take from the flattened table: half the cost of a two-index gather on XLA:CPU (measured).
+    flat = images.astype(jnp.int32) * channels + jnp.arange(channels)
+    return jnp.take(jnp.asarray(table.reshape(-1)), flat, mode="clip")  # in range by construction
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -362,8 +358,10 @@ class Pipeline:
         else:
             normalizer.check_input(image_shape, "the given normaliser")
         self.normalizer = normalizer
-        table = normalizer.pixel_table(image_shape[-1]) if per_example else None
-        self._lookup = None if table is None else _pixel_lookup(table, sharding)
+        # Large images stay uint8 up to the devices, where this table normalises them (`device_normalize`).
+        self._table = normalizer.pixel_table(image_shape[-1]) if per_example else None
+        self._lookup = None if self._table is None else jax.jit(
+            functools.partial(pixel_lookup, self._table), out_shardings=sharding)
         self.setup_seconds["fit"] = time.perf_counter() - start
         start = time.perf_counter()
         first = self._path.normalize(first, normalizer)
@@ -390,8 +388,12 @@ class Pipeline:
 
     # ---- public API
 
-    def train_batches(self, start_step: int = 0) -> Iterator[dict[str, jax.Array]]:
-        """Infinite training batches from ``start_step`` on: {'image': f32 [B, H, W, C], 'label': i32 [B]}."""
+    def train_batches(self, start_step: int = 0, *, normalize: bool = True) -> Iterator[dict[str, jax.Array]]:
+        """Infinite training batches from ``start_step`` on: {'image': f32 [B, H, W, C], 'label': i32 [B]}.
+
+        ``normalize=False`` leaves large images uint8, for the consumer's compiled step to normalise with
+        `device_normalize` (on a TPU or GPU the lookup then runs on the accelerator, fused into the step).
+        """
         train = self._require_train()
         if start_step < 0:
             raise ValueError(f"start_step={start_step} must be >= 0")
@@ -408,13 +410,15 @@ class Pipeline:
                 yield self._path.submit_train(train, indices, step, rows)
                 step += 1
 
-        return prefetch.prefetch(_ahead(host_batches()), self._sharding, config.batch_size, self._on_device(False))
+        return prefetch.prefetch(_ahead(host_batches()), self._sharding, config.batch_size,
+                                 self._on_device(False, normalize))
 
-    def eval_batches(self, split: str | None = None, *, with_raw: bool = False) -> Iterator[dict[str, jax.Array]]:
+    def eval_batches(self, split: str | None = None, *, with_raw: bool = False,
+                     normalize: bool = True) -> Iterator[dict[str, jax.Array]]:
         """One pass over ``split`` (default config.eval_split), every example exactly once.
 
         Yields {'image', 'label', 'mask'} (+ 'raw' uint8 images if ``with_raw``); the last batch is padded
-        with mask 0.
+        with mask 0. ``normalize=False``: as in `train_batches`.
         """
         opened = self._open_eval(split or self._config.eval_split)
         batch = self._config.eval_batch_size
@@ -427,7 +431,20 @@ class Pipeline:
                 pending = self._path.submit_eval(opened, indices, with_raw)
                 yield _Pending(lambda pending=pending, mask=mask: {**pending.result(), "mask": mask}, pending.cancel)
 
-        return prefetch.prefetch(_ahead(host_batches()), self._sharding, batch, self._on_device(with_raw))
+        return prefetch.prefetch(_ahead(host_batches()), self._sharding, batch,
+                                 self._on_device(with_raw, normalize))
+
+    @property
+    def transfer_dtype(self) -> type:
+        """dtype of the images of batches taken with ``normalize=False``: uint8 for large images, else float32."""
+        return np.float32 if self._table is None else np.uint8
+
+    def device_normalize(self, images: jax.Array) -> jax.Array:
+        """What batches taken with ``normalize=False`` still need: uint8 large images -> the normaliser's
+        float32 output; images that arrive normalised pass unchanged. Traceable inside jit and shard_map."""
+        if self._table is None or images.dtype != jnp.uint8:
+            return images
+        return pixel_lookup(self._table, images)
 
     def data_position(self, step: int) -> dict[str, int]:
         """Where training ``step`` reads: {'epoch': e, 'index_in_epoch': first example's position in the epoch}."""
@@ -441,16 +458,18 @@ class Pipeline:
 
     # ---- helpers
 
-    def _on_device(self, with_raw: bool) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None:
-        """Large images arrive as uint8 and are normalised on the devices (kept as 'raw' if ``with_raw``)."""
-        if self._lookup is None:
+    def _on_device(self, with_raw: bool,
+                   normalize: bool) -> Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None:
+        """Large images arrive as uint8: normalised on the devices if ``normalize``, kept as 'raw' if ``with_raw``."""
+        if self._lookup is None or not (normalize or with_raw):
             return None
+        lookup = self._lookup
 
-        def normalize(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        def finish(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
             raw = {"raw": batch["image"]} if with_raw else {}
-            return {**batch, "image": self._lookup(batch["image"]), **raw}
+            return {**batch, "image": lookup(batch["image"]) if normalize else batch["image"], **raw}
 
-        return normalize
+        return finish
 
     def _require_train(self) -> Any:
         if self._train is None:

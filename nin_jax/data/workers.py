@@ -35,9 +35,9 @@ class DecodePool:
             )
             self._tasks_per_batch = 2 * workers  # two chunks per worker per batch balance the load
         else:
-            # More runnable threads than cores keep decoding going while other threads (the producer, XLA's, other
-            # jobs on a shared host) run too, as tf.data's many threads do (measurements in docs/input.md).
-            threads = min(4 * (os.cpu_count() or 1), _MAX_THREADS)
+            # Two threads per core keep every core decoding while a thread waits for the GIL or its next chunk;
+            # four per core only added switching (measurements in docs/input.md).
+            threads = min(2 * (os.cpu_count() or 1), _MAX_THREADS)
             self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="nin_jax-decode")
             self._tasks_per_batch = 2 * threads  # threads share memory: small chunks cost nothing to hand over
 

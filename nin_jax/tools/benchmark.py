@@ -231,20 +231,24 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
 
     batch_size = config.batch_size
     rng = np.random.default_rng(config.seed)
-    batch = jax.device_put({
-        "image": rng.standard_normal((batch_size, *image_shape), np.float32),
-        "label": rng.integers(0, num_classes, batch_size).astype(np.int32),
-    }, batch_sharding)
+    # The batches and steps of the training loop: with a pipeline, large images arrive as uint8 and are
+    # normalised inside the step, as in `train.train_and_evaluate`.
+    prepare = pipeline.device_normalize if pipeline is not None else (lambda images: images)
+    uint8_images = pipeline is not None and pipeline.transfer_dtype == np.uint8
+    images = (rng.integers(0, 256, (batch_size, *image_shape), np.uint8) if uint8_images
+              else rng.standard_normal((batch_size, *image_shape), np.float32))
+    batch = jax.device_put({"image": images, "label": rng.integers(0, num_classes, batch_size).astype(np.int32)},
+                           batch_sharding)
     state = train.create_train_state(config, model, image_shape, lr_fn, mesh)
 
-    step_fn = train.make_train_step(config, model, num_classes, mesh)
+    step_fn = train.make_train_step(config, model, num_classes, mesh, prepare)
     start = time.perf_counter()
     train_step = step_fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
 
     def infer_fn(state, images):
         variables = models.variables(state.params, state.batch_stats)
-        return model.apply(variables, images, train=False)
+        return model.apply(variables, prepare(images), train=False)
 
     repl = mesh_lib.replicated(mesh)
     start = time.perf_counter()
@@ -269,7 +273,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
 
     for _ in range(warmup):
         jax.block_until_ready(infer(holder["state"], batch["image"]))
-    loop_batches = pipeline.train_batches(0) if loop_steps > 0 else None
+    loop_batches = pipeline.train_batches(0, normalize=False) if loop_steps > 0 else None
     try:
         if loop_batches is not None:  # compiles the step for the pipeline's batch layout, untimed
             for _ in range(max(warmup, 1)):

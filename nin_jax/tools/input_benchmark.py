@@ -1,5 +1,5 @@
-"""Input throughput without a model (decode + crop + augment + batch + placement and normalisation on the devices),
-per host core, against what one accelerator needs to train the config's model at a stated MFU.
+"""Input throughput without a model (decode + crop + augment + batch + placement on the devices), per host core,
+against what one accelerator needs to train the config's model at a stated MFU.
 
     python -m nin_jax.input_benchmark --config=configs/imagenet.py --config.dataset=image_folder \\
         --config.data_dir=DIR [--workers=N] [--accelerator="TPU v4"] [--mfu=0.4] [--num_batches=200] [--json]
@@ -7,7 +7,9 @@ per host core, against what one accelerator needs to train the config's model at
 The need of one accelerator is ``peak FLOP/s x MFU / training FLOPs per image`` (analytic FLOPs of the model's
 layer table, the peak from nin_jax.hardware), so ``input/host_cores_per_accelerator`` is how many host cores a
 job needs per accelerator. The first pass (listing, decoding into the in-memory cache, fitting or loading the
-normaliser) is reported separately from the steady-state rate.
+normaliser) is reported separately from the steady-state rate. The batches are the training loop's: large
+images arrive on the devices as uint8, and their normalisation runs inside the train step (on the accelerator),
+so it is not timed here.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def measure_input_throughput(
     start = time.perf_counter()
     pipeline = data.Pipeline(config, sharding, workers=workers)
     first_pass = time.perf_counter() - start
-    batches = pipeline.train_batches()
+    batches = pipeline.train_batches(normalize=False)  # as `train.train_and_evaluate` takes them
     try:
         for _ in range(warmup_batches):
             jax.block_until_ready(next(batches))
