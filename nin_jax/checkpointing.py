@@ -17,7 +17,9 @@ import errno
 import hashlib
 import json
 import logging
+import os
 import re
+import sys
 import time
 from typing import Any
 
@@ -47,6 +49,53 @@ class _MetricsAttachedLater(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_MetricsAttachedLater())
+
+
+def silence_failed_read_leftovers() -> None:
+    """Silences the leftovers of a failed Orbax read, which the restore functions report in one line each.
+
+    When one array of a checkpoint fails to read, Orbax closes its event loop while TensorStore still holds
+    the other reads: each of those later reports its completion to the closed loop (`RuntimeError: Event loop
+    is closed`), and Orbax's abandoned read coroutines raise again when they are finalised, often at exit.
+    Python prints both through `sys.unraisablehook`, one traceback (with the whole TensorStore spec) per
+    array. This hook drops exactly those two kinds and passes everything else on.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_nin_jax_orbax_filter", False):
+        return
+
+    def hook(unraisable):
+        error, obj = unraisable.exc_value, unraisable.object
+        code = getattr(obj, "cr_code", None)  # a coroutine finalised with its exception
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if code is not None and "/orbax/" in code.co_filename.replace(os.sep, "/"):
+            return
+        previous(unraisable)
+
+    hook._nin_jax_orbax_filter = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_DropOrbaxTaskLeftovers())
+
+
+class _DropOrbaxTaskLeftovers(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for the same abandoned Orbax reads (logged when the
+    task is garbage-collected, so some runs print it and some do not). A read is either an Orbax coroutine or
+    a TensorStore future that Orbax handed to asyncio; the latter's traceback holds only asyncio's frame
+    awaiting it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.exc_info and record.getMessage().startswith("Task exception was never retrieved")):
+            return True
+        tb = record.exc_info[2]
+        while tb is not None:
+            frame = tb.tb_frame
+            if "/orbax/" in frame.f_code.co_filename.replace(os.sep, "/"):
+                return False
+            if type(frame.f_locals.get("awaitable")).__module__.split(".")[0] == "tensorstore":
+                return False
+            tb = tb.tb_next
+        return True
 
 
 class CheckpointError(ConfigError):
@@ -212,6 +261,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state: Any) -> tuple[An
     that may be transient is retried and then raised, and any other error (e.g. a config that does not match
     the saved arrays) is raised: neither moves a step. If no step can be read, nothing is moved.
     """
+    silence_failed_read_leftovers()
     steps = sorted(mngr.all_steps(), reverse=True)
     failures = []
     for step in steps:

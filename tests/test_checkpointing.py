@@ -1,13 +1,20 @@
 """Checkpoint restore: a config mismatch is reported and moves nothing; a damaged newest step is skipped; a
-transient read error is retried and never demotes a step; metrics are attached after a save."""
+transient read error is retried and never demotes a step; metrics are attached after a save; the leftovers of a
+failed Orbax read are not printed."""
 
+import asyncio
+import collections
 import errno
+import gc
+import logging
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from nin_jax import checkpointing
 
@@ -154,3 +161,50 @@ def test_metrics_attached_after_a_save_are_read_back_and_rank_the_best_step(tmp_
     assert sorted(mngr.all_steps()) == [1, 4]
     again = checkpointing.create_manager(tmp_path, keep=1, read_only=True)
     assert again.metrics(1) == {checkpointing.BEST_METRIC: 0.9} and again.metrics(4) is None
+
+
+@pytest.mark.parametrize("install", ["directly", "by restore_latest"])
+def test_leftovers_of_a_failed_orbax_read_are_not_printed(monkeypatch, tmp_path, install):
+    """Restoring (for training or for the tools) installs the filter; it drops only Orbax's leftovers."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    if install == "directly":
+        checkpointing.silence_failed_read_leftovers()
+    else:
+        assert checkpointing.restore_latest(checkpointing.create_manager(tmp_path, keep=1), {}) is None
+
+    async def orbax_read():  # stands for Orbax's abandoned read coroutines
+        pass
+
+    orbax_read.__code__ = orbax_read.__code__.replace(co_filename="/site-packages/orbax/checkpoint/x.py")
+    coroutine = orbax_read()
+    Unraisable = collections.namedtuple("Unraisable", "exc_type exc_value exc_traceback err_msg object")
+    other = KeyError("kept")
+    for error, obj in ((RuntimeError("Event loop is closed"), None), (Exception("read failed"), coroutine),
+                       (other, None)):
+        sys.unraisablehook(Unraisable(type(error), error, None, None, obj))
+    coroutine.close()
+    assert seen == [other]
+
+
+def test_unretrieved_errors_of_abandoned_tensorstore_reads_are_not_logged(caplog):
+    """A TensorStore read that Orbax gave to asyncio and then abandoned fails later, with no Orbax frame in its
+    traceback; asyncio's "never retrieved" report of it is dropped, the same report for other work is kept."""
+    checkpointing.silence_failed_read_leftovers()
+
+    async def abandon(awaitable):
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.sleep(0.1)
+        assert task.done()
+        del task
+        gc.collect()  # asyncio logs an unretrieved task exception when the task is collected
+
+    async def other_work():
+        raise KeyError("kept")
+
+    read = ts.open({"driver": "zarr", "kvstore": "memory://absent/"}, open=True)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(abandon(read))
+        asyncio.run(abandon(other_work()))
+    reported = [r.exc_info[1] for r in caplog.records if r.getMessage().startswith("Task exception was never")]
+    assert len(reported) == 1 and isinstance(reported[0], KeyError)

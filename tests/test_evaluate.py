@@ -1,18 +1,13 @@
 """Checkpoint restore for evaluation: same accuracy on another device count, `best`, damaged checkpoints,
 clear errors."""
 
-import asyncio
-import collections
-import gc
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-import tensorstore as ts
 
 from nin_jax.config import ConfigError
 from nin_jax import checkpointing
@@ -187,45 +182,3 @@ def test_orbax_read_errors_are_shortened_to_their_cause():
                      'local file "/w/checkpoints/12/state/": Requested byte range [0, 9) is not valid for value of '
                      "size 4")
     assert restore.short_error(RuntimeError("x" * 1000)) == "RuntimeError: " + "x" * 297 + "..."
-
-
-def test_leftovers_of_a_failed_orbax_read_are_not_printed(monkeypatch):
-    seen = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
-    restore._install_orbax_leftovers_filter()
-
-    async def orbax_read():  # stands for Orbax's abandoned read coroutines
-        pass
-
-    orbax_read.__code__ = orbax_read.__code__.replace(co_filename="/site-packages/orbax/checkpoint/x.py")
-    coroutine = orbax_read()
-    Unraisable = collections.namedtuple("Unraisable", "exc_type exc_value exc_traceback err_msg object")
-    other = KeyError("kept")
-    for error, obj in ((RuntimeError("Event loop is closed"), None), (Exception("read failed"), coroutine),
-                       (other, None)):
-        sys.unraisablehook(Unraisable(type(error), error, None, None, obj))
-    coroutine.close()
-    assert seen == [other]
-
-
-def test_unretrieved_errors_of_abandoned_tensorstore_reads_are_not_logged(caplog):
-    """A TensorStore read that Orbax gave to asyncio and then abandoned fails later, with no Orbax frame in its
-    traceback; asyncio's "never retrieved" report of it is dropped, the same report for other work is kept."""
-    restore._install_orbax_leftovers_filter()
-
-    async def abandon(awaitable):
-        task = asyncio.ensure_future(awaitable)
-        await asyncio.sleep(0.1)
-        assert task.done()
-        del task
-        gc.collect()  # asyncio logs an unretrieved task exception when the task is collected
-
-    async def other_work():
-        raise KeyError("kept")
-
-    read = ts.open({"driver": "zarr", "kvstore": "memory://absent/"}, open=True)
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-        asyncio.run(abandon(read))
-        asyncio.run(abandon(other_work()))
-    reported = [r.exc_info[1] for r in caplog.records if r.getMessage().startswith("Task exception was never")]
-    assert len(reported) == 1 and isinstance(reported[0], KeyError)
