@@ -113,11 +113,10 @@ def measure_matmul_peak(mesh: jax.sharding.Mesh, dtype: Any, sizes: Sequence[int
     best_all, best_one = 0.0, 0.0
     matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=dtype))
     for n in sizes:
-        a = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharded)
-        best_all = max(best_all, len(devices) * 2 * n**3 / min(_time_calls(lambda: matmul(a, a), reps, 1)))
-        b = jax.device_put(jnp.ones((n, n), dtype), devices[0])
-        best_one = max(best_one, 2 * n**3 / min(_time_calls(lambda: matmul(b, b), reps, 1)))
-        del a, b
+        stacked = jax.device_put(jnp.ones((len(devices), n, n), dtype), sharded)
+        best_all = max(best_all, len(devices) * 2 * n**3 / min(_time_calls(lambda: matmul(stacked, stacked), reps, 1)))
+        single = jax.device_put(jnp.ones((n, n), dtype), devices[0])
+        best_one = max(best_one, 2 * n**3 / min(_time_calls(lambda: matmul(single, single), reps, 1)))
     # Host CPU devices share the same cores, so one device alone can use the whole machine.
     one_scaled = best_one if devices[0].platform == "cpu" else best_one * len(devices)
     return {"all_devices": best_all, "one_device": best_one, "peak": max(best_all, one_scaled)}
