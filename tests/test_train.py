@@ -82,9 +82,10 @@ def test_images_normalised_inside_the_step_train_exactly_as_normalised_batches(p
     pixels = np.random.default_rng(0).integers(0, 256, (16, *IMAGE_SHAPE), np.uint8)
     labels = np.arange(16, dtype=np.int32) % NUM_CLASSES
     sharding = mesh_lib.data_sharding(mesh)
+    on_host = train.make_train_step(config, model, NUM_CLASSES, mesh)
+    in_step = train.make_train_step(config, model, NUM_CLASSES, mesh, functools.partial(loader.pixel_lookup, table))
     states = []
-    for images, prepare in [(normalizer(pixels), None), (pixels, functools.partial(loader.pixel_lookup, table))]:
-        step = train.make_train_step(config, model, NUM_CLASSES, mesh, *([prepare] if prepare else []))
+    for step, images in ((on_host, normalizer(pixels)), (in_step, pixels)):
         state = train.create_train_state(config, model, IMAGE_SHAPE, lr_fn, mesh)
         state, _ = step(state, jax.device_put({"image": images, "label": labels}, sharding))
         states.append(jax.device_get((state.params, state.batch_stats)))
