@@ -51,6 +51,10 @@ class _MetricsAttachedLater(logging.Filter):
 logging.getLogger("absl").addFilter(_MetricsAttachedLater())
 
 
+def _in_orbax(filename: str) -> bool:
+    return "/orbax/" in filename.replace(os.sep, "/")
+
+
 def silence_failed_read_leftovers() -> None:
     """Silences the leftovers of a failed Orbax read, which the restore functions report in one line each.
 
@@ -69,7 +73,7 @@ def silence_failed_read_leftovers() -> None:
         code = getattr(obj, "cr_code", None)  # a coroutine finalised with its exception
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
             return
-        if code is not None and "/orbax/" in code.co_filename.replace(os.sep, "/"):
+        if code is not None and _in_orbax(code.co_filename):
             return
         previous(unraisable)
 
@@ -90,7 +94,7 @@ class _DropOrbaxTaskLeftovers(logging.Filter):
         tb = record.exc_info[2]
         while tb is not None:
             frame = tb.tb_frame
-            if "/orbax/" in frame.f_code.co_filename.replace(os.sep, "/"):
+            if _in_orbax(frame.f_code.co_filename):
                 return False
             if type(frame.f_locals.get("awaitable")).__module__.split(".")[0] == "tensorstore":
                 return False

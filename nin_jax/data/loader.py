@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -360,8 +359,8 @@ class Pipeline:
         self.normalizer = normalizer
         # Large images stay uint8 up to the devices, where this table normalises them (`device_normalize`).
         self._table = normalizer.pixel_table(image_shape[-1]) if per_example else None
-        self._lookup = None if self._table is None else jax.jit(
-            functools.partial(pixel_lookup, self._table), out_shardings=sharding)
+        # The prefetch thread's normalisation (``normalize=True``) is `device_normalize`, compiled on its own.
+        self._lookup = None if self._table is None else jax.jit(self.device_normalize, out_shardings=sharding)
         self.setup_seconds["fit"] = time.perf_counter() - start
         start = time.perf_counter()
         first = self._path.normalize(first, normalizer)
