@@ -79,18 +79,24 @@ def silence_failed_read_leftovers() -> None:
 
     hook._nin_jax_orbax_filter = True
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_DropOrbaxTaskLeftovers())
+    logging.getLogger("asyncio").addFilter(_DropOrbaxReadLeftovers())
 
 
-class _DropOrbaxTaskLeftovers(logging.Filter):
-    """asyncio's "Task exception was never retrieved" for the same abandoned Orbax reads (logged when the
-    task is garbage-collected, so some runs print it and some do not). A read is either an Orbax coroutine or
-    a TensorStore future that Orbax handed to asyncio; the latter's traceback holds only asyncio's frame
-    awaiting it."""
+_UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
+_TENSORSTORE_ERROR_MARK = "[tensorstore_spec="  # TensorStore appends the spec of the failed operation
+
+
+class _DropOrbaxReadLeftovers(logging.Filter):
+    """asyncio's "Task/Future exception was never retrieved" for the same abandoned Orbax reads (logged when the
+    task or future is garbage-collected, so some runs print it and some do not). A read is an Orbax coroutine,
+    a TensorStore future that Orbax handed to asyncio (its traceback holds only asyncio's frame awaiting it), or
+    the asyncio Future carrying a TensorStore read's outcome (its error is TensorStore's, no frame needed)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not (record.exc_info and record.getMessage().startswith("Task exception was never retrieved")):
+        if not (record.exc_info and record.getMessage().startswith(_UNRETRIEVED)):
             return True
+        if _TENSORSTORE_ERROR_MARK in str(record.exc_info[1]):
+            return False
         tb = record.exc_info[2]
         while tb is not None:
             frame = tb.tb_frame
