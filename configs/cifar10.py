@@ -31,10 +31,10 @@ def get_config(recipe: str = "caffe"):
     config.eval_split = "test"
     config.model.arch = "nin_cifar10"
     config.batch_size = 128
-    config.eval_batch_size = 512
-    config.log_every_steps = 100
-    config.eval_every_steps = 2000
-    config.checkpoint_every_steps = 2000
+    config.run.eval_batch_size = 512
+    config.run.log_every_steps = 100
+    config.run.eval_every_steps = 2000
+    config.run.checkpoint_every_steps = 2000
     if recipe == "caffe":
         config.preprocess = "gcn_zca"
         config.augment.translate = 0

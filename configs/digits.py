@@ -27,9 +27,9 @@ def get_config():
     config.optim.warmup_epochs = 2.0
     config.optim.label_smoothing = 0.1
     config.batch_size = 128
-    config.eval_batch_size = 512
+    config.run.eval_batch_size = 512
     config.num_epochs = 40.0
-    config.log_every_steps = 50
-    config.eval_every_steps = 200
-    config.checkpoint_every_steps = 200
+    config.run.log_every_steps = 50
+    config.run.eval_every_steps = 200
+    config.run.checkpoint_every_steps = 200
     return config

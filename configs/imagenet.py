@@ -1,9 +1,9 @@
 """NIN-ImageNet, the Caffe model-zoo network and solver (59.36% top-1 on the ILSVRC-2012 validation set).
 
     python -m nin_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/nin_imagenet \\
-        --config.data_dir=/mnt/gcs/tensorflow_datasets
+        --config.run.data_dir=/mnt/gcs/tensorflow_datasets
     python -m nin_jax.main --config=configs/imagenet.py:pod --workdir=gs://BUCKET/nin_imagenet_pod \\
-        --config.data_dir=/mnt/gcs/tensorflow_datasets
+        --config.run.data_dir=/mnt/gcs/tensorflow_datasets
 
 Data: TFDS `imagenet2012` built as ArrayRecord, read by random access from a local, shared or FUSE-mounted
 path (here gs://BUCKET mounted at /mnt/gcs), not from gs:// itself; see docs/clusters.md. Training: random
@@ -44,14 +44,14 @@ def get_config(variant: str = ""):
     # LR /10 every 200k iterations of batch 64.
     default.use_caffe_solver(config, learning_rate=0.01, weight_decay=5e-4, output_lr_mult=1.0,
                              lr_boundaries_epochs=tuple(k * 200_000 * 64 / TRAIN_IMAGES for k in (1, 2)))
-    config.eval_batch_size = 512
+    config.run.eval_batch_size = 512
     config.half_precision = True
     if variant == "":
         config.num_train_steps = 450_000
         config.batch_size = 64
-        config.log_every_steps = 500
-        config.eval_every_steps = 20_000
-        config.checkpoint_every_steps = 5_000
+        config.run.log_every_steps = 500
+        config.run.eval_every_steps = 20_000
+        config.run.checkpoint_every_steps = 5_000
     elif variant == "pod":
         config.batch_size = 1024
         config.optim.learning_rate = 0.01 * config.batch_size / 64
@@ -60,10 +60,10 @@ def get_config(variant: str = ""):
         config.optim.warmup_epochs = 2.0
         config.num_epochs = 22.5
         config.num_train_steps = -1
-        config.eval_batch_size = 1024
-        config.log_every_steps = 100
-        config.eval_every_steps = 2_500
-        config.checkpoint_every_steps = 1_000
+        config.run.eval_batch_size = 1024
+        config.run.log_every_steps = 100
+        config.run.eval_every_steps = 2_500
+        config.run.checkpoint_every_steps = 1_000
     else:
         raise default.ConfigError(f"configs/imagenet.py:{variant} is unknown; use no variant (the model zoo's "
                                   "batch 64) or :pod.")

@@ -30,6 +30,6 @@ def get_config():
                              lr_boundaries_epochs=(25.0, 35.0))
     config.num_epochs = 40.0
     config.batch_size = 128
-    config.eval_every_steps = 5000
-    config.checkpoint_every_steps = 5000
+    config.run.eval_every_steps = 5000
+    config.run.checkpoint_every_steps = 5000
     return config

@@ -21,8 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Data. Splits are TFDS split strings; slices such as 'train[:45000]' work for every dataset.
     config.dataset = "cifar10"  # digits | mnist | cifar10 | cifar100 | svhn_cropped | imagenet2012 | image_folder
-    config.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir, or the image-folder root
-    config.cache_dir = ml_collections.config_dict.placeholder(str)  # fitted ZCA/statistics (default ~/.cache/nin_jax)
     config.train_split = "train"
     config.eval_split = "test"
     config.image_size = ml_collections.config_dict.placeholder(int)  # None: the dataset's own size
@@ -68,32 +66,36 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Duration and batch.
     config.batch_size = 128  # global, over all devices and hosts
-    config.eval_batch_size = 512
     config.num_epochs = 100.0
     config.num_train_steps = -1  # > 0 overrides num_epochs
     config.seed = 0
 
     config.half_precision = False  # bf16 compute, float32 params, loss and softmax
 
-    # Execution: fields listed in EXECUTION_FIELDS, free to change when a run resumes.
-    config.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
-    config.cpu_kernels = True  # on the CPU backend only: nin_jax.cpu's conv/pooling kernels and huge pages
-    config.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
-    config.input_workers = 0  # large images: decode worker processes (0: threads, best up to a few cores)
-    config.log_every_steps = 50
-    config.eval_every_steps = 1000  # also evaluates at the end
-    config.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
-    config.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
-    config.profile = False  # a TensorBoard profile of a few steps after warm-up
+    # Execution: how the run executes and where its data lives, not what it computes (results are equal,
+    # tested). A resumed run may change these; every field outside `run` is the experiment's identity.
+    config.run = ml_collections.ConfigDict()
+    config.run.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data dir, or the image-folder root
+    config.run.cache_dir = ml_collections.config_dict.placeholder(str)  # fitted statistics (default ~/.cache/nin_jax)
+    config.run.eval_batch_size = 512
+    config.run.parallelism = "jit"  # jit (sharded jit) | shard_map (explicit per-device step with pmean)
+    config.run.cpu_kernels = True  # on the CPU backend only: nin_jax.cpu's layers, and malloc huge pages
+    config.run.num_cpu_devices = 0  # host devices on CPU (0: one per core); ignored if XLA_FLAGS sets a count
+    config.run.input_workers = 0  # large images: decode worker processes (0: threads, best up to a few cores)
+    config.run.log_every_steps = 50
+    config.run.eval_every_steps = 1000  # also evaluates at the end
+    config.run.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
+    config.run.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
+    config.run.profile = False  # a TensorBoard profile of a few steps after warm-up
     return config
 
 
-# Fields that change how a run executes but not what it computes (results are equal, tested), or where its
-# data lives: a resumed run may change them. Every other field is part of the experiment's identity.
-EXECUTION_FIELDS = frozenset({
-    "data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices", "input_workers",
-    "log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "profile",
-})
+EXECUTION_SECTION = "run"
+# Execution fields were top-level fields before they moved into `config.run`: a config.json written then
+# still loads (`from_json`), and an override by the old name is answered with the new one.
+MOVED_TO_RUN = ("data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices",
+                "input_workers", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints", "profile")
 
 
 def flatten(config: ml_collections.ConfigDict) -> dict[str, object]:
@@ -108,26 +110,29 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, object]:
 
 
 def identity_diff(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict) -> list[str]:
-    """The dotted fields outside `EXECUTION_FIELDS` whose values differ between two configs."""
+    """The dotted fields outside `config.run` whose values differ between two configs."""
     a, b = flatten(saved), flatten(current)
 
     def norm(v):  # JSON turns tuples into lists
         return list(v) if isinstance(v, tuple) else v
 
     return sorted(k for k in set(a) | set(b)
-                  if k.split(".")[0] not in EXECUTION_FIELDS and norm(a.get(k)) != norm(b.get(k)))
+                  if k.split(".")[0] != EXECUTION_SECTION and norm(a.get(k)) != norm(b.get(k)))
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
     """A config saved as JSON (a workdir's config.json), on top of today's defaults.
 
-    Fields this version no longer has are dropped: only execution settings are ever removed.
+    Execution fields saved under their old top-level names (`MOVED_TO_RUN`) are read into `config.run`;
+    fields this version no longer has are dropped: only execution settings are ever removed.
     """
     import json  # pylint: disable=g-import-not-at-top
 
     config = get_config()
     known = flatten(config)
     for key, value in flatten(ml_collections.ConfigDict(json.loads(text))).items():
+        if key in MOVED_TO_RUN:
+            key = f"{EXECUTION_SECTION}.{key}"
         if key in known:
             node = config
             *parents, leaf = key.split(".")
@@ -135,6 +140,11 @@ def from_json(text: str) -> ml_collections.ConfigDict:
                 node = node[parent]
             node[leaf] = tuple(value) if isinstance(known[key], tuple) else value
     return config
+
+
+def moved_field_hint(dotted: str) -> str | None:
+    """For an override of a field by its name before `config.run` (e.g. 'log_every_steps'): the new name."""
+    return f"{EXECUTION_SECTION}.{dotted}" if dotted in MOVED_TO_RUN else None
 
 
 # Duration fields: a rerun that only makes the run longer extends it (see `nin_jax.workdir.save_config`).
@@ -151,7 +161,7 @@ def _is_number(value: object, integer: bool = False) -> bool:
 # sets; enumerations are checked where they are used (data, models, optim), also before anything is written.
 _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
     ("batch_size", True, lambda v: v >= 1, ">= 1", "128"),
-    ("eval_batch_size", True, lambda v: v >= 1, ">= 1", "512"),
+    ("run.eval_batch_size", True, lambda v: v >= 1, ">= 1", "512"),
     ("num_train_steps", True, lambda v: True, "an integer (> 0 sets the run length, <= 0 uses num_epochs)", "-1"),
     ("num_epochs", False, lambda v: v >= 0, ">= 0", "100"),
     ("seed", True, lambda v: v >= 0, ">= 0", "0"),
@@ -173,12 +183,12 @@ _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
     ("optim.warmup_epochs", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
     ("optim.label_smoothing", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.1"),
     ("optim.grad_clip_norm", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
-    ("num_cpu_devices", True, lambda v: v >= 0, ">= 0 (0: one per core)", "0"),
-    ("input_workers", True, lambda v: v >= 0, ">= 0 (0: decode in threads)", "0"),
-    ("log_every_steps", True, lambda v: v >= 1, ">= 1 steps", "50"),
-    ("eval_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
-    ("checkpoint_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
-    ("keep_checkpoints", True, lambda v: v >= 1, ">= 1", "2"),
+    ("run.num_cpu_devices", True, lambda v: v >= 0, ">= 0 (0: one per core)", "0"),
+    ("run.input_workers", True, lambda v: v >= 0, ">= 0 (0: decode in threads)", "0"),
+    ("run.log_every_steps", True, lambda v: v >= 1, ">= 1 steps", "50"),
+    ("run.eval_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
+    ("run.checkpoint_every_steps", True, lambda v: v >= 1, ">= 1 steps", "1000"),
+    ("run.keep_checkpoints", True, lambda v: v >= 1, ">= 1", "2"),
 )
 
 

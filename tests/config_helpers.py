@@ -10,8 +10,10 @@ from nin_jax.config import get_config
 
 
 def with_overrides(config: ml_collections.ConfigDict, **changes: Any) -> ml_collections.ConfigDict:
-    """`config` with fields set by keyword; `a__b=v` sets `config.a.b` (names a dotted field)."""
+    """`config` with fields set by keyword; `a__b=v` sets `config.a.b` (names a dotted field, which must exist)."""
+    config.lock()  # a misspelled field raises instead of adding one
     config.update_from_flattened_dict({k.replace("__", "."): v for k, v in changes.items()})
+    config.unlock()
     return config
 
 

@@ -9,6 +9,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from config_helpers import with_overrides
+
 
 def make_config(tmp_path: os.PathLike, **overrides) -> ml_collections.ConfigDict:
     """configs/default.py with a small batch and the cache in ``tmp_path``; ``a__b=v`` sets ``config.a.b``."""
@@ -19,18 +21,12 @@ def make_config(tmp_path: os.PathLike, **overrides) -> ml_collections.ConfigDict
     config.train_split = "train"
     config.eval_split = "test"
     config.preprocess = "standardize"
-    config.cache_dir = str(tmp_path / "cache")
+    config.run.cache_dir = str(tmp_path / "cache")
     config.batch_size = 64
-    config.eval_batch_size = 64
+    config.run.eval_batch_size = 64
     config.augment.translate = 0
     config.augment.flip = False
-    for name, value in overrides.items():
-        target = config
-        *parents, leaf = name.split("__")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return with_overrides(config, **overrides)
 
 
 def data_sharding() -> jax.sharding.NamedSharding:

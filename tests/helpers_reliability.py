@@ -15,6 +15,8 @@ import numpy as np
 import optax
 from jax.experimental.compilation_cache import compilation_cache
 
+from config_helpers import with_overrides
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_STEPS = 24
 
@@ -23,13 +25,13 @@ NUM_STEPS = 24
 OVERRIDES: dict[str, Any] = {
     "num_train_steps": NUM_STEPS,
     "batch_size": 32,
-    "eval_batch_size": 160,
+    "run.eval_batch_size": 160,
     "model.width": 0.5,
     "optim.warmup_epochs": 0.1,
-    "log_every_steps": 1,
-    "eval_every_steps": 12,
-    "checkpoint_every_steps": 4,
-    "keep_checkpoints": 100,
+    "run.log_every_steps": 1,
+    "run.eval_every_steps": 12,
+    "run.checkpoint_every_steps": 4,
+    "run.keep_checkpoints": 100,
 }
 
 # Throughput and wall-clock keys differ between any two runs; everything else in results.json must not.
@@ -41,19 +43,13 @@ def make_config(cache_dir: str | os.PathLike, **changes: Any):
     from configs import digits
 
     config = digits.get_config()
-    config.cache_dir = str(cache_dir)
-    for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in changes.items()}}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    config.run.cache_dir = str(cache_dir)
+    return with_overrides(config, **{**{k.replace(".", "__"): v for k, v in OVERRIDES.items()}, **changes})
 
 
 def config_flags(cache_dir: str | os.PathLike, **changes: Any) -> list[str]:
     """The same configuration as command-line flags of `nin_jax.main`."""
-    items = {**OVERRIDES, "cache_dir": str(cache_dir), **{k.replace("__", "."): v for k, v in changes.items()}}
+    items = {**OVERRIDES, "run.cache_dir": str(cache_dir), **{k.replace("__", "."): v for k, v in changes.items()}}
     return [f"--config={REPO / 'configs' / 'digits.py'}"] + [f"--config.{k}={v}" for k, v in items.items()]
 
 

@@ -30,9 +30,9 @@ def tiny_sweep() -> tuple[str, list[str]]:
     root = tempfile.mkdtemp(prefix="nin_launch_tests_")
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     argv = ["--sweep=gap_vs_fc", f"--root={root}", f"--config={DIGITS}", "--points=fc,gap",
-            f"--set=cache_dir={root}/cache", "--set=model.width=0.25", "--set=num_train_steps=12",
-            "--set=optim.warmup_epochs=0.1", "--set=eval_every_steps=6", "--config.checkpoint_every_steps=6",
-            "--config.log_every_steps=6"]
+            f"--set=run.cache_dir={root}/cache", "--set=model.width=0.25", "--set=num_train_steps=12",
+            "--set=optim.warmup_epochs=0.1", "--set=run.eval_every_steps=6", "--config.run.checkpoint_every_steps=6",
+            "--config.run.log_every_steps=6"]
     previous = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
     os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as conftest does in-process: compile time dominates
     try:

@@ -25,7 +25,7 @@ def test_cli_prints_json_with_all_keys(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nin_jax.benchmark", "--config=configs/digits.py", "--batch_size=64", "--steps=2",
          "--warmup=1", "--input_batches=2", "--loop_steps=3", "--rounds=2", "--peak_sizes=128",
-         f"--config.cache_dir={tmp_path}", "--json=-"],
+         f"--config.run.cache_dir={tmp_path}", "--json=-"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train" in proc.stdout and "MFU" in proc.stdout
@@ -88,7 +88,7 @@ def test_dataset_shape_and_bad_input():
 
 def test_a_missing_dataset_says_how_to_benchmark_without_it(tmp_path):
     config = digits.get_config()
-    config.dataset, config.data_dir = "cifar10", str(tmp_path)  # not prepared there, and never downloaded
+    config.dataset, config.run.data_dir = "cifar10", str(tmp_path)  # not prepared there, and never downloaded
     for kwargs in (dict(input_batches=1), dict(loop_steps=1)):
         with pytest.raises(ValueError, match=r"(?s)not prepared.*--input_batches=0 --loop_steps=0"):
             benchmark.run(config, **kwargs)
@@ -100,10 +100,10 @@ def test_large_images_are_benchmarked_as_the_training_loop_takes_them(tmp_path):
     from data_helpers import write_image_folder  # pylint: disable=import-outside-toplevel
 
     config = digits.get_config()
-    config.dataset, config.data_dir = "image_folder", write_image_folder(tmp_path / "folder", {"train": 8, "test": 2},
+    config.dataset, config.run.data_dir = "image_folder", write_image_folder(tmp_path / "folder", {"train": 8, "test": 2},
                                                                           size=None)
-    config.image_size, config.cache_dir = 8, str(tmp_path / "cache")
+    config.image_size, config.run.cache_dir = 8, str(tmp_path / "cache")
     config.augment.random_resized_crop, config.augment.eval_resize = True, 10
-    config.batch_size = config.eval_batch_size = 8
+    config.batch_size = config.run.eval_batch_size = 8
     r = benchmark.run(config, steps=1, warmup=1, loop_steps=2, rounds=1, peak_sizes=(64,))
     assert r["train/img_per_sec"] > 0 and r["train/loop_img_per_sec"] > 0 and r["infer/img_per_sec"] > 0

@@ -19,7 +19,7 @@ def _steps(config) -> tuple[int, int]:
 def test_pod_scales_batch_and_lr_and_keeps_the_epochs():
     zoo, pod = imagenet.get_config(), imagenet.get_config("pod")
     assert (zoo.batch_size, zoo.optim.learning_rate, zoo.num_train_steps) == (64, 0.01, 450_000)
-    assert pod.batch_size == 1024 and pod.batch_size % 256 == 0 and pod.eval_batch_size % 256 == 0
+    assert pod.batch_size == 1024 and pod.batch_size % 256 == 0 and pod.run.eval_batch_size % 256 == 0
     assert pod.optim.learning_rate == pytest.approx(zoo.optim.learning_rate * pod.batch_size / zoo.batch_size)
     per_epoch, steps = _steps(pod)
     assert (per_epoch, steps) == (1251, 28_147)

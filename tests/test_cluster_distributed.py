@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cpu, pytest.mark.slow]  # processes of CPU host device
 
 LAUNCHER = h.REPO / "launch" / "local_multiprocess.py"
 NUM_STEPS = 8
-CHANGES = {"num_train_steps": NUM_STEPS, "eval_every_steps": NUM_STEPS}
+CHANGES = {"num_train_steps": NUM_STEPS, "run.eval_every_steps": NUM_STEPS}
 SLURM_PORT_BASE = 61440  # jax's SLURM coordinator port: SLURM_JOB_ID % 4096 + 61440
 
 

@@ -10,7 +10,7 @@ import pytest
 import helpers_reliability as h
 
 SCRIPT = h.REPO / "launch" / "slurm.sbatch"
-ARGS = ["--config=configs/imagenet.py:pod", "--workdir=/shared/runs/nin", "--config.data_dir=/shared/tfds"]
+ARGS = ["--config=configs/imagenet.py:pod", "--workdir=/shared/runs/nin", "--config.run.data_dir=/shared/tfds"]
 
 
 def test_one_task_per_gpu_and_a_requeue_on_the_time_limit():

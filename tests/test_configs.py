@@ -24,7 +24,7 @@ def test_config_is_consistent(name, arg):
     assert config.dataset in data.DATASETS
     assert config.model.arch in architectures.PRESETS
     assert config.recipe in optim.RECIPES
-    assert config.batch_size % 8 == 0 and config.eval_batch_size % 8 == 0
+    assert config.batch_size % 8 == 0 and config.run.eval_batch_size % 8 == 0
     num_classes = architectures.PRESETS[config.model.arch]["num_classes"]
     architectures.resolve_blocks(config.model, num_classes)  # raises on an inconsistent model section
 
@@ -49,8 +49,8 @@ def test_shipped_configs_pass_the_range_checks(name, arg):
 
 @pytest.mark.parametrize("field, value", [
     ("model.dropout_rate", 1.0), ("model.dropout_rate", -0.1), ("model.fc_dropout", 1.5),
-    ("log_every_steps", 0), ("eval_every_steps", 0), ("checkpoint_every_steps", -5), ("keep_checkpoints", 0),
-    ("input_workers", -1), ("batch_size", 0), ("eval_batch_size", -8), ("optim.learning_rate", 0.0),
+    ("run.log_every_steps", 0), ("run.eval_every_steps", 0), ("run.checkpoint_every_steps", -5), ("run.keep_checkpoints", 0),
+    ("run.input_workers", -1), ("batch_size", 0), ("run.eval_batch_size", -8), ("optim.learning_rate", 0.0),
     ("optim.learning_rate", float("nan")),
     ("optim.momentum", 1.0), ("optim.label_smoothing", 1.0), ("optim.weight_decay", -1e-4),
     ("optim.warmup_epochs", -1.0), ("optim.lr_decay", 0.0), ("optim.grad_clip_norm", -1.0),
@@ -93,7 +93,7 @@ def test_train_rejects_a_bad_value_before_writing_anything(tmp_path):
 
 def test_train_rejects_blocks_too_deep_for_the_images_before_writing_the_record(tmp_path):
     config = with_overrides(_load("digits", None), model__blocks="3:16:max, 3:16:max, 3:16:max, 3:16:max, 3:16-C",
-                            cache_dir=str(tmp_path / "cache"))
+                            run__cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match="block 4 '3:16:max' leaves nothing of the 8x8 images"):
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert not (tmp_path / "w" / "config.json").exists() and not (tmp_path / "w" / "lock").exists()
@@ -107,3 +107,27 @@ def test_presets_emit_one_class_map_per_class_of_the_dataset(arch):
         blocks = architectures.resolve_blocks(model_cfg, num_classes)
         assert blocks[-1].widths[-1] == num_classes
         assert blocks[:-1] == architectures.PRESETS[arch]["blocks"][:-1]  # everything else is the preset's
+
+
+def test_a_config_json_from_before_the_run_section_loads_with_its_execution_fields_in_run():
+    """config.json files written when the execution fields were top-level fields still describe the same
+    experiment: a workdir of that time resumes."""
+    import json
+
+    current = _load("digits", None)
+    old = json.loads(current.to_json_best_effort())
+    for name, value in old.pop("run").items():
+        old[name] = value
+    old["log_every_steps"], old["data_dir"] = 7, "/data/moved"
+    loaded = config_lib.from_json(json.dumps(old))
+    assert (loaded.run.log_every_steps, loaded.run.data_dir) == (7, "/data/moved")
+    assert config_lib.identity_diff(loaded, current) == []
+    assert "log_every_steps" not in loaded
+
+
+def test_identity_is_every_field_outside_the_run_section():
+    a, b = _load("digits", None), _load("digits", None)
+    b.run.parallelism, b.run.eval_batch_size, b.run.data_dir = "shard_map", 64, "/elsewhere"
+    assert config_lib.identity_diff(a, b) == []
+    b.model.width = 0.5
+    assert config_lib.identity_diff(a, b) == ["model.width"]

@@ -25,9 +25,9 @@ def test_json_reports_img_per_sec_and_cores_per_accelerator(tmp_path):
     root = write_image_folder(tmp_path / "folder", {"train": 8, "validation": 1}, size=None)
     out = subprocess.run(
         [sys.executable, "-m", "nin_jax.input_benchmark", "--config=configs/imagenet.py",
-         "--config.dataset=image_folder", f"--config.data_dir={root}", f"--config.cache_dir={tmp_path}/cache",
-         "--config.image_size=16", "--config.batch_size=8", "--config.eval_batch_size=8", "--num_batches=2",
-         "--config.num_cpu_devices=2", "--workers=0", "--json"],
+         "--config.dataset=image_folder", f"--config.run.data_dir={root}", f"--config.run.cache_dir={tmp_path}/cache",
+         "--config.image_size=16", "--config.batch_size=8", "--config.run.eval_batch_size=8", "--num_batches=2",
+         "--config.run.num_cpu_devices=2", "--workers=0", "--json"],
         capture_output=True, text=True, check=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])

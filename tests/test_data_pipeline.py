@@ -66,8 +66,8 @@ def test_digits(tmp_path, sharding):
 )
 def test_tfds_small_datasets(tmp_path, sharding, dataset, shape, num_classes, preprocess):
     config = make_config(
-        tmp_path, dataset=dataset, data_dir=str(tmp_path / "tfds"), train_split="train[:48]", eval_split="test",
-        batch_size=16, eval_batch_size=16, preprocess=preprocess,
+        tmp_path, dataset=dataset, run__data_dir=str(tmp_path / "tfds"), train_split="train[:48]", eval_split="test",
+        batch_size=16, run__eval_batch_size=16, preprocess=preprocess,
         augment__translate=2, augment__flip=True,
     )
     with tfds.testing.mock_data(num_examples=56, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -86,7 +86,7 @@ def test_tfrecord_dataset_is_read_once_into_memory(tmp_path, sharding, monkeypat
 
     monkeypatch.setattr(tfds, "data_source", no_random_access)
     monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
-    config = make_config(tmp_path, dataset="cifar10", data_dir=str(tmp_path / "tfds"), batch_size=8, eval_batch_size=8)
+    config = make_config(tmp_path, dataset="cifar10", run__data_dir=str(tmp_path / "tfds"), batch_size=8, run__eval_batch_size=8)
     with tfds.testing.mock_data(num_examples=12):  # the default policy serves tfds.load through tf.data
         pipeline = data.Pipeline(config, sharding)
         assert (pipeline.info.num_train_examples, pipeline.info.num_eval_examples) == (12, 12)
@@ -98,8 +98,8 @@ def test_tfrecord_dataset_is_read_once_into_memory(tmp_path, sharding, monkeypat
 
 def test_imagenet_random_sizes(tmp_path, sharding):
     config = make_config(
-        tmp_path, dataset="imagenet2012", data_dir=str(tmp_path / "tfds"), eval_split="validation", image_size=24,
-        batch_size=8, eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True,
+        tmp_path, dataset="imagenet2012", run__data_dir=str(tmp_path / "tfds"), eval_split="validation", image_size=24,
+        batch_size=8, run__eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True,
         augment__eval_resize=28,
     )
     with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -114,8 +114,8 @@ def test_imagenet_random_sizes(tmp_path, sharding):
 def test_image_folder_splits_and_slices(tmp_path, sharding):
     root = write_image_folder(tmp_path / "folder", {"train": 20, "test": 4})
     config = make_config(
-        tmp_path, dataset="image_folder", data_dir=root, train_split="train[:75%]", eval_split="train[75%:]",
-        batch_size=16, eval_batch_size=16,
+        tmp_path, dataset="image_folder", run__data_dir=root, train_split="train[:75%]", eval_split="train[75%:]",
+        batch_size=16, run__eval_batch_size=16,
     )
     pipeline = data.Pipeline(config, sharding)
     assert pipeline.info == data.DatasetInfo(3, (8, 8, 3), 45, 15, ("ant", "bee", "cat"))
@@ -129,8 +129,8 @@ def test_image_folder_splits_and_slices(tmp_path, sharding):
 def test_image_folder_large_images(tmp_path, sharding):
     root = write_image_folder(tmp_path / "folder", {"train": 6, "val": 2}, size=None)
     config = make_config(
-        tmp_path, dataset="image_folder", data_dir=root, eval_split="val", image_size=16, batch_size=8,
-        eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
+        tmp_path, dataset="image_folder", run__data_dir=root, eval_split="val", image_size=16, batch_size=8,
+        run__eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
     )
     pipeline = data.Pipeline(config, sharding)
     assert pipeline.info.image_shape == (16, 16, 3)
@@ -143,8 +143,8 @@ def test_large_images_can_travel_as_uint8_and_be_normalised_in_the_step(tmp_path
     that normalize=True gives, and leaves already normalised images alone."""
     root = write_image_folder(tmp_path / "folder", {"train": 6, "val": 2}, size=None)
     config = make_config(
-        tmp_path, dataset="image_folder", data_dir=root, eval_split="val", image_size=16, batch_size=8,
-        eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
+        tmp_path, dataset="image_folder", run__data_dir=root, eval_split="val", image_size=16, batch_size=8,
+        run__eval_batch_size=8, augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=20,
     )
     pipeline = data.Pipeline(config, sharding)
     assert pipeline.transfer_dtype == np.uint8
@@ -214,7 +214,7 @@ def test_reflect_padding_changes_only_the_border_of_training_batches(tmp_path, s
 
 
 def test_eval_counts_every_example_once(tmp_path, sharding):
-    pipeline = data.Pipeline(make_config(tmp_path, eval_batch_size=40), sharding)  # 297 = 7 * 40 + 17
+    pipeline = data.Pipeline(make_config(tmp_path, run__eval_batch_size=40), sharding)  # 297 = 7 * 40 + 17
     batches = [jax.tree.map(np.asarray, b) for b in pipeline.eval_batches(with_raw=True)]
     assert len(batches) == 8 and all(b["image"].shape[0] == 40 for b in batches)
     masks = np.concatenate([b["mask"] for b in batches])
@@ -258,7 +258,7 @@ def test_resume_continues_the_same_order(tmp_path, sharding, large_images):
     if large_images:  # per-example decode with random-resized crops
         root = write_image_folder(tmp_path / "folder", {"train": 11}, size=None)
         config = make_config(
-            tmp_path, dataset="image_folder", data_dir=root, eval_split="train[:8]", image_size=12, batch_size=8,
+            tmp_path, dataset="image_folder", run__data_dir=root, eval_split="train[:8]", image_size=12, batch_size=8,
             augment__random_resized_crop=True, augment__flip=True,
         )
     else:
@@ -287,7 +287,7 @@ def test_zca_fitted_on_train_split_only_and_cached(tmp_path, sharding, monkeypat
     config = make_config(tmp_path, preprocess="gcn_zca", train_split="train[:1000]", eval_split="test")
     first = data.Pipeline(config, sharding)
     assert fitted_rows == [1000]
-    assert len(os.listdir(config.cache_dir)) == 1
+    assert len(os.listdir(config.run.cache_dir)) == 1
     data.clear_caches()  # a new process: must load the file, not refit
     config.eval_split = "train[1000:]"  # another eval split does not change the fit
     second = data.Pipeline(config, sharding)
@@ -309,7 +309,7 @@ def test_unknown_dataset_lists_choices(tmp_path, sharding):
 def test_tfds_dataset_not_prepared(tmp_path, sharding):
     empty = tmp_path / "empty_tfds"
     empty.mkdir()
-    config = make_config(tmp_path, dataset="cifar10", data_dir=str(empty))
+    config = make_config(tmp_path, dataset="cifar10", run__data_dir=str(empty))
     with pytest.raises(ConfigError, match=r"(?s)not prepared.*tfds build cifar10.*image_folder.*digits"):
         data.Pipeline(config, sharding)
     assert os.listdir(empty) == []  # nothing was downloaded
@@ -317,17 +317,17 @@ def test_tfds_dataset_not_prepared(tmp_path, sharding):
 
 def test_empty_folder(tmp_path, sharding):
     (tmp_path / "root").mkdir()
-    config = make_config(tmp_path, dataset="image_folder", data_dir=str(tmp_path / "root"))
+    config = make_config(tmp_path, dataset="image_folder", run__data_dir=str(tmp_path / "root"))
     with pytest.raises(ConfigError, match="no split folders"):
         data.Pipeline(config, sharding)
     with pytest.raises(ConfigError, match="does not exist"):
-        data.Pipeline(make_config(tmp_path, dataset="image_folder", data_dir=str(tmp_path / "missing")), sharding)
+        data.Pipeline(make_config(tmp_path, dataset="image_folder", run__data_dir=str(tmp_path / "missing")), sharding)
 
 
 def test_class_folder_without_images(tmp_path, sharding):
     root = write_image_folder(tmp_path / "folder", {"train": 3})
     os.makedirs(os.path.join(root, "train", "dog"))
-    config = make_config(tmp_path, dataset="image_folder", data_dir=root, eval_split="train")
+    config = make_config(tmp_path, dataset="image_folder", run__data_dir=root, eval_split="train")
     with pytest.raises(ConfigError, match=r"class folder .*train/dog holds no"):
         data.Pipeline(config, sharding)
 
@@ -337,7 +337,7 @@ def test_corrupt_image_is_named(tmp_path, sharding):
     bad = os.path.join(root, "train", "bee", "7.png")
     with open(bad, "wb") as f:
         f.write(b"not an image")
-    config = make_config(tmp_path, dataset="image_folder", data_dir=root, eval_split="train", batch_size=8)
+    config = make_config(tmp_path, dataset="image_folder", run__data_dir=root, eval_split="train", batch_size=8)
     with pytest.raises(ConfigError, match=f"cannot decode image {bad}"):
         data.Pipeline(config, sharding)
 
@@ -348,8 +348,8 @@ def test_corrupt_image_in_background_decode_is_named(tmp_path, sharding):
     with open(bad, "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n truncated")
     config = make_config(
-        tmp_path, dataset="image_folder", data_dir=root, eval_split="train", image_size=8, batch_size=8,
-        eval_batch_size=16, preprocess="scale", augment__random_resized_crop=True,
+        tmp_path, dataset="image_folder", run__data_dir=root, eval_split="train", image_size=8, batch_size=8,
+        run__eval_batch_size=16, preprocess="scale", augment__random_resized_crop=True,
     )
     with pytest.raises(ConfigError, match=f"cannot decode image {bad}"):
         list(data.Pipeline(config, sharding).eval_batches())  # raised in the decode thread, re-raised here
@@ -358,8 +358,8 @@ def test_corrupt_image_in_background_decode_is_named(tmp_path, sharding):
 def test_batch_not_divisible(tmp_path, sharding, monkeypatch):
     with pytest.raises(ConfigError, match=r"config.batch_size=12 .*processes \(1\).*data axis \(8\)"):
         data.Pipeline(make_config(tmp_path, batch_size=12), sharding)
-    with pytest.raises(ConfigError, match=r"config.eval_batch_size=20 "):
-        data.Pipeline(make_config(tmp_path, eval_batch_size=20), sharding)
+    with pytest.raises(ConfigError, match=r"config.run.eval_batch_size=20 "):
+        data.Pipeline(make_config(tmp_path, run__eval_batch_size=20), sharding)
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     with pytest.raises(ConfigError, match=r"config.batch_size=64 .*processes \(3\)"):
         data.Pipeline(make_config(tmp_path), sharding)
@@ -389,9 +389,9 @@ def test_saved_normalizer_reproduces_batches(tmp_path, sharding, preprocess):
     loaded = data.load_normalizer(str(path))
     assert loaded.fingerprint == fitted.normalizer.fingerprint
     data.clear_caches()
-    config.cache_dir = str(tmp_path / "other_cache")  # no fitted file to find: the given normaliser is used
+    config.run.cache_dir = str(tmp_path / "other_cache")  # no fitted file to find: the given normaliser is used
     given = data.Pipeline(config, sharding, normalizer=loaded)
-    assert not os.path.exists(config.cache_dir)
+    assert not os.path.exists(config.run.cache_dir)
     for a, b in zip(_take(fitted.train_batches(), 2), _take(given.train_batches(), 2)):
         np.testing.assert_array_equal(a["image"], b["image"])
     eval_only = data.Pipeline(config, sharding, normalizer=loaded, train=False)
@@ -405,8 +405,8 @@ def test_saved_normalizer_reproduces_batches(tmp_path, sharding, preprocess):
 def test_eval_only_pipeline_never_opens_the_training_split(tmp_path, sharding):
     root = write_image_folder(tmp_path / "folder", {"val": 3}, size=None)  # no train folder at all
     config = make_config(
-        tmp_path, dataset="image_folder", data_dir=root, train_split="train", eval_split="val", image_size=8,
-        batch_size=8, eval_batch_size=8, augment__random_resized_crop=True,
+        tmp_path, dataset="image_folder", run__data_dir=root, train_split="train", eval_split="val", image_size=8,
+        batch_size=8, run__eval_batch_size=8, augment__random_resized_crop=True,
     )
     normalizer = data.Normalizer("standardize", {"mean": np.full(3, 100, np.float32), "std": np.full(3, 50, np.float32)})
     pipeline = data.Pipeline(config, sharding, normalizer=normalizer, train=False)

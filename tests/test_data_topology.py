@@ -28,7 +28,7 @@ def large_config(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("topology")
     root = write_image_folder(tmp / "folder", {"train": 12, "val": 2}, size=None)
     return make_config(
-        tmp, dataset="image_folder", data_dir=root, eval_split="val", image_size=8, batch_size=8, eval_batch_size=8,
+        tmp, dataset="image_folder", run__data_dir=root, eval_split="val", image_size=8, batch_size=8, run__eval_batch_size=8,
         preprocess="scale", augment__random_resized_crop=True, augment__flip=True, augment__eval_resize=10,
     )
 

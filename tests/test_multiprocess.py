@@ -23,7 +23,8 @@ import time
 import jax
 import pytest
 
-from nin_jax import checkpointing, train
+from nin_jax import checkpointing
+from nin_jax.runtime import preemption
 import helpers_reliability as h
 
 pytestmark = [pytest.mark.cpu, pytest.mark.slow]  # processes of CPU host devices: ~1 min of setup
@@ -35,7 +36,7 @@ NUM_DEVICES = NUM_PROCESSES * DEVICES_PER_PROCESS
 # RESUME_STEP + 3 is logged; the steps after that must outlast the signal's way through the preemption sync
 # service even when an idle machine runs ~10 steps/s.
 NUM_STEPS, RESUME_STEP = 40, 8
-CHANGES = {"num_train_steps": NUM_STEPS, "eval_every_steps": 8}
+CHANGES = {"num_train_steps": NUM_STEPS, "run.eval_every_steps": 8}
 
 
 def _launch(workdir, log, env, data_cache, *, module_args=None, num_processes=NUM_PROCESSES,
@@ -152,7 +153,7 @@ def test_resume_one_device_checkpoint_on_two_processes_and_preempt_one(runs):
     """A 1-device checkpoint resumes on 2 processes; SIGTERM to process 1 alone stops both at one step."""
     workdir, log = runs["resumed"], runs["resumed_log"]
     text = log.read_text()
-    assert runs["resumed_code"] == train.PREEMPTED_EXIT_CODE, h.log_tail(log, 60)
+    assert runs["resumed_code"] == preemption.PREEMPTED_EXIT_CODE, h.log_tail(log, 60)
     assert f"[p0] Resuming from checkpoint step {RESUME_STEP}" in text
     assert len(re.findall(r"\[p\d\] Preempted \(SIGTERM\)", text)) == NUM_PROCESSES, h.log_tail(log, 60)
     steps = {int(m.group(1)) for m in re.finditer(r"\[p\d\] Preempted \(SIGTERM\) at step (\d+)", text)}
@@ -224,7 +225,7 @@ def test_launcher_forwards_sigterm(tmp_path, stand_in):
     proc = _launch(None, log, stand_in, None, module_args=["preempt"], launcher_args=["--module=mp_stand_in"])
     h.wait_until(lambda: log.read_text().count("ready") == 2, proc, log, timeout=60)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == train.PREEMPTED_EXIT_CODE
+    assert proc.wait(timeout=60) == preemption.PREEMPTED_EXIT_CODE
     text = log.read_text()
     assert "[p0] got SIGTERM" in text and "[p1] got SIGTERM" in text
     assert "[launcher] exit codes [143, 143]" in text

@@ -25,8 +25,8 @@ def test_notebook_executes_on_a_fresh_digits_run(tmp_path, monkeypatch):
     env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1", "NIN_JAX_NO_REEXEC": "1"}
     train = subprocess.run(
         [sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py", f"--workdir={workdir}",
-         "--config.num_train_steps=30", "--config.eval_every_steps=30", "--config.checkpoint_every_steps=30",
-         f"--config.cache_dir={tmp_path / 'cache'}"],
+         "--config.num_train_steps=30", "--config.run.eval_every_steps=30", "--config.run.checkpoint_every_steps=30",
+         f"--config.run.cache_dir={tmp_path / 'cache'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
 

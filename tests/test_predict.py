@@ -1,4 +1,4 @@
-"""Restoring a run for inference: predict (API and CLI) against evaluation, partial restore, image handling.
+"""Restoring a run for inference: predict (API and CLI) against evaluation, the digest check, image handling.
 
 The run is trained once per test process (`folder_run`, also used by test_export.py) on an image folder
 written here: 3 classes of tinted noise images of random sizes, resized to 8x8 (`config.image_size`), with
@@ -18,7 +18,6 @@ import tempfile
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -43,12 +42,12 @@ def folder_config(data_dir: str, cache_dir: str):
 
     config = get_config()
     config.update_from_flattened_dict({
-        "dataset": "image_folder", "data_dir": data_dir, "cache_dir": cache_dir, "train_split": "train",
+        "dataset": "image_folder", "run.data_dir": data_dir, "run.cache_dir": cache_dir, "train_split": "train",
         "eval_split": "test", "image_size": 8, "preprocess": "gcn_zca", "augment.translate": 0,
         "augment.flip": False, "model.arch": "nin_digits", "model.blocks": "3:16-12-8, 3:24-24-16, 3:24-24-C",
         "model.batch_norm": True,
-        "batch_size": 24, "eval_batch_size": 8, "num_train_steps": 16, "optim.learning_rate": 0.05,
-        "log_every_steps": 4, "eval_every_steps": 8, "checkpoint_every_steps": 8,
+        "batch_size": 24, "run.eval_batch_size": 8, "num_train_steps": 16, "optim.learning_rate": 0.05,
+        "run.log_every_steps": 4, "run.eval_every_steps": 8, "run.checkpoint_every_steps": 8,
     })
     return config
 
@@ -142,26 +141,23 @@ def test_cli_prints_top_classes_by_name_with_the_api_probabilities(trained, run,
             assert out[4 * k + 1 + j].split() == [f"{100 * p[c]:.3f}%", CLASSES[c]]
 
 
-def test_partial_restore_reads_parameters_and_batch_stats_only(trained, monkeypatch):
-    """Orbax is asked for the params and batch_stats arrays of the `state` item, never for the optimizer's."""
-    handler = ocp.type_handlers.get_type_handler(jax.Array)
-    requested, original = [], type(handler).deserialize
-
-    async def recording_deserialize(self, infos, args=None):
-        requested.extend(info.name for info in infos)
-        return await original(self, infos, args)
-
-    monkeypatch.setattr(type(handler), "deserialize", recording_deserialize)
-    run = restore.load_run(trained["workdir"], checkpoint="8")
-    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(trained["workdir"], "checkpoints", "8", "state"))
-    saved = saved.item_metadata.tree
-    assert sorted(saved) == ["batch_stats", "opt_state", "params", "rng", "step"]
-    assert jax.tree.leaves(saved["opt_state"])  # there are optimizer arrays to skip
-    restored = len(jax.tree.leaves(run.variables))
-    assert restored == len(jax.tree.leaves(saved["params"])) + len(jax.tree.leaves(saved["batch_stats"]))
-    assert len(requested) == restored
-    assert {name.split(".")[0] for name in requested} == {"params", "batch_stats"}
-    assert run.step == 8 and set(run.variables) == {"params", "batch_stats"}
+def test_loading_a_run_checks_the_checkpoint_against_its_digest(trained, tmp_path):
+    """The tools verify what they restore as training does: a step whose arrays differ from their saved
+    digest is passed over by `latest`, naming it, and refused when asked for by number."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained["workdir"], copy)
+    meta_file = copy / "checkpoints" / "16" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["state_sha256"] = "0" * 64  # as if the arrays had changed since they were written
+    meta_file.write_text(json.dumps(meta))
+    warnings = []
+    run = restore.load_run(str(copy), warn=warnings.append)
+    assert run.step == 8 and len(warnings) == 1 and "does not match its saved digest" in warnings[0]
+    expected = restore.load_run(trained["workdir"], checkpoint="8").variables
+    for a, b in zip(jax.tree.leaves(run.variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ConfigError, match=r"\(--checkpoint=16\) is unreadable .* saved digest.* pass --checkpoint=8"):
+        restore.load_run(str(copy), checkpoint="16")
 
 
 @pytest.mark.slow
@@ -172,7 +168,7 @@ def test_predict_and_evaluate_work_after_the_training_data_and_caches_are_delete
     shutil.copytree(trained["workdir"], workdir)
     shutil.copytree(trained["data_dir"], data_dir)
     config = json.loads((workdir / "config.json").read_text())
-    config.update(data_dir=str(data_dir), cache_dir=str(cache_dir))  # where this copy's data "lived"
+    config["run"].update(data_dir=str(data_dir), cache_dir=str(cache_dir))  # where this copy's data "lived"
     (workdir / "config.json").write_text(json.dumps(config))
     shutil.rmtree(data_dir / "train")
     for stale in data_dir.glob("nin_jax_*.npz"):  # statistics cached beside the data

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 import pytest
 
-from nin_jax import train, workdir as workdir_lib
+from nin_jax import train
+from nin_jax.runtime import preemption, record
+from nin_jax.runtime.metrics_log import JsonlWriter
 
 import helpers_reliability as h
 
@@ -147,7 +149,7 @@ def _resume_in_process(workdir, env, capsys) -> str:
 
 def test_sigterm_saves_at_the_next_step_and_resume_is_bit_identical(env, reference, interrupted, capsys):
     run = interrupted["sigterm"]
-    assert run["code"] == train.PREEMPTED_EXIT_CODE, h.log_tail(run["log"])
+    assert run["code"] == preemption.PREEMPTED_EXIT_CODE, h.log_tail(run["log"])
     found = re.search(r"Preempted \(SIGTERM\) at step (\d+): checkpoint committed", run["log"].read_text())
     assert found, h.log_tail(run["log"])
     step = int(found.group(1))
@@ -163,7 +165,7 @@ def test_sigterm_saves_at_the_next_step_and_resume_is_bit_identical(env, referen
 def test_ctrl_c_saves_at_the_next_step_exits_130_and_resume_is_bit_identical(env, reference, interrupted, capsys):
     run = interrupted["sigint"]
     text = run["log"].read_text()
-    assert run["code"] == train.INTERRUPTED_EXIT_CODE, h.log_tail(run["log"])
+    assert run["code"] == preemption.INTERRUPTED_EXIT_CODE, h.log_tail(run["log"])
     found = re.search(r"Interrupted \(SIGINT\) at step (\d+): checkpoint committed in \S+\. Rerun the same command "
                       r"to resume from step (\d+)\.", text)
     assert found and found.group(1) == found.group(2), h.log_tail(run["log"])
@@ -200,9 +202,9 @@ def _signal_during_step(monkeypatch, at_step: int, count: int):
 def test_second_ctrl_c_stops_at_once_and_says_where_the_rerun_resumes(env, reference, monkeypatch, capsys):
     workdir = env["root"] / "double_ctrl_c"
     _signal_during_step(monkeypatch, at_step=7, count=2)
-    with pytest.raises(train.Preempted) as stopped:
+    with pytest.raises(preemption.Preempted) as stopped:
         train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
-    assert stopped.value.code == train.INTERRUPTED_EXIT_CODE and stopped.value.step is None
+    assert stopped.value.code == preemption.INTERRUPTED_EXIT_CODE and stopped.value.step is None
     assert stopped.value.message == ("Stopped at once by a second Ctrl-C after step 6; the steps since the last "
                                      "checkpoint are lost. Rerun the same command to resume from step 4.")
     assert h.committed_steps(workdir) == [4] and not (workdir / "lock").exists()
@@ -216,6 +218,7 @@ def test_second_ctrl_c_stops_at_once_and_says_where_the_rerun_resumes(env, refer
 def test_transient_read_error_at_restore_keeps_and_uses_the_newest_step(env, reference, monkeypatch, capsys):
     """The newest step fails twice with a storage error (as gs:// can), then reads: nothing is demoted."""
     from nin_jax import checkpointing
+    from nin_jax.runtime import recovery
 
     workdir = env["root"] / "transient"
     _copy_run(reference["workdir"], workdir, [16, 20])
@@ -228,7 +231,7 @@ def test_transient_read_error_at_restore_keeps_and_uses_the_newest_step(env, ref
         return real(mngr, step, abstract_state)
 
     monkeypatch.setattr(checkpointing, "restore", flaky)
-    monkeypatch.setattr(checkpointing, "RESTORE_BACKOFF_S", 0.01)
+    monkeypatch.setattr(recovery, "RESTORE_BACKOFF_S", 0.01)
     out = _resume_in_process(workdir, env, capsys)
     assert calls == [20, 20, 20]
     assert "Resuming from checkpoint step 20" in out and "unreadable" not in out
@@ -281,7 +284,7 @@ def _inject_enospc(where: str, at: int) -> None:
 
     import orbax.checkpoint as ocp
 
-    real_save, real_write = ocp.CheckpointManager.save, train.MetricsLog.write
+    real_save, real_write = ocp.CheckpointManager.save, JsonlWriter.write_scalars
 
     def save(self, step, *args, **kwargs):
         if where == "checkpoint" and step >= at:
@@ -293,7 +296,7 @@ def _inject_enospc(where: str, at: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device", str(self._path))
         return real_write(self, step, scalars)
 
-    ocp.CheckpointManager.save, train.MetricsLog.write = save, write
+    ocp.CheckpointManager.save, JsonlWriter.write_scalars = save, write
 
 
 _ENOSPC_DRIVER = """
@@ -312,9 +315,9 @@ def test_full_disk_stops_with_one_message_keeps_the_checkpoints_and_the_rerun_co
 
     workdir = env["root"] / f"enospc_{where}"
     monkeypatch.setattr(ocp.CheckpointManager, "save", ocp.CheckpointManager.save)  # undone after the test
-    monkeypatch.setattr(train.MetricsLog, "write", train.MetricsLog.write)
+    monkeypatch.setattr(JsonlWriter, "write_scalars", JsonlWriter.write_scalars)
     _inject_enospc(where, at)
-    with pytest.raises(workdir_lib.StorageFullError) as error:
+    with pytest.raises(record.StorageFullError) as error:
         train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
     message = str(error.value)
     path = workdir / ("checkpoints/12.orbax-checkpoint-tmp" if where == "checkpoint" else "metrics.jsonl")
@@ -444,7 +447,7 @@ def test_half_written_checkpoint_is_ignored(env, reference, capsys):
 
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(env):
     workdir = env["root"] / "diverge"
-    config = h.make_config(env["data_cache"], optim__learning_rate=1e30, checkpoint_every_steps=2,
+    config = h.make_config(env["data_cache"], optim__learning_rate=1e30, run__checkpoint_every_steps=2,
                            optim__weight_decay=0.0)
     with pytest.raises(train.NonFiniteLossError) as error:
         train.train_and_evaluate(config, str(workdir))

@@ -63,8 +63,8 @@ def test_jit_and_shard_map_steps_agree():
     # Dropout masks are drawn per device under shard_map and for the global batch under jit, so they differ by
     # design; with dropout off, gradients and BatchNorm statistics must agree after averaging over devices.
     base = dict(**{"model.dropout_rate": 0.0})
-    pj, sj, lj = _run_one_step(small_config(**base, parallelism="jit"), jax.devices(), steps=2)
-    ps, ss, ls = _run_one_step(small_config(**base, parallelism="shard_map"), jax.devices(), steps=2)
+    pj, sj, lj = _run_one_step(small_config(**base, run__parallelism="jit"), jax.devices(), steps=2)
+    ps, ss, ls = _run_one_step(small_config(**base, run__parallelism="shard_map"), jax.devices(), steps=2)
     np.testing.assert_allclose(lj, ls, rtol=1e-5)
     _assert_trees_close(pj, ps)
     _assert_trees_close(sj, ss)
@@ -73,7 +73,7 @@ def test_jit_and_shard_map_steps_agree():
 @pytest.mark.parametrize("parallelism", ["jit", "shard_map"])
 def test_images_normalised_inside_the_step_train_exactly_as_normalised_batches(parallelism):
     """The training loop hands large images over as uint8 and normalises them inside the step (`prepare`)."""
-    config = small_config(parallelism=parallelism)
+    config = small_config(run__parallelism=parallelism)
     mesh = mesh_lib.create_mesh(jax.devices())
     model = models.create_model(config.model, NUM_CLASSES)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
@@ -131,7 +131,7 @@ def test_modern_schedule_warms_up_then_decays_to_zero():
 
 
 def _learning_config():
-    config = small_config(num_train_steps=60, log_every_steps=20, eval_every_steps=30, checkpoint_every_steps=30)
+    config = small_config(num_train_steps=60, run__log_every_steps=20, run__eval_every_steps=30, run__checkpoint_every_steps=30)
     config.optim.warmup_epochs = 1.0
     config.model.dropout_rate = 0.0  # learns faster in a few dozen steps
     return config
@@ -181,7 +181,7 @@ def test_a_rerun_may_change_execution_settings_but_not_the_experiment(digits_run
     with pytest.raises(ConfigError, match=r"model.head: 'gap' -> 'fc', optim.learning_rate: 0.1 -> 0.05"):
         train.train_and_evaluate(other, str(workdir))
     same = _learning_config()
-    same.parallelism, same.log_every_steps, same.cpu_kernels = "shard_map", 7, False
+    same.run.parallelism, same.run.log_every_steps, same.run.cpu_kernels = "shard_map", 7, False
     assert train.train_and_evaluate(same, str(workdir))["eval/top1"] == results["eval/top1"]
     assert (workdir / "config.json").read_text() == saved  # the first start's record is kept
 
@@ -205,7 +205,7 @@ def test_command_line_trains_with_overrides_applied(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py", f"--workdir={tmp_path}",
          "--config.num_train_steps=3", "--config.model.width=0.25", "--config.model.head=fc",
-         "--config.optim.learning_rate=0.3", "--config.optim.warmup_epochs=0", "--config.num_cpu_devices=2"],
+         "--config.optim.learning_rate=0.3", "--config.optim.warmup_epochs=0", "--config.run.num_cpu_devices=2"],
         capture_output=True, text=True, timeout=300,
         env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},  # so that num_cpu_devices decides
              "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from nin_jax import train, workdir as workdir_lib
+from nin_jax import train
+from nin_jax.runtime import lock as lock_lib
 import helpers_reliability as h
 
 
@@ -20,18 +21,18 @@ def _record(path):
 
 
 def test_lock_records_its_holder_refuses_a_second_and_is_released(tmp_path):
-    first = workdir_lib.WorkdirLock(tmp_path)
+    first = lock_lib.WorkdirLock(tmp_path)
     first.acquire()
     record = _record(tmp_path / "lock")
     assert (record["host"], record["pid"], record["token"]) == (socket.gethostname(), os.getpid(), first.token)
-    with pytest.raises(workdir_lib.WorkdirLocked) as error:
-        workdir_lib.WorkdirLock(tmp_path).acquire()
+    with pytest.raises(lock_lib.WorkdirLocked) as error:
+        lock_lib.WorkdirLock(tmp_path).acquire()
     message = str(error.value)
     assert f"is in use by another training (host {socket.gethostname()} pid {os.getpid()}, started " in message
     assert "\n" not in message
     first.release()
     assert not (tmp_path / "lock").exists()
-    second = workdir_lib.WorkdirLock(tmp_path)
+    second = lock_lib.WorkdirLock(tmp_path)
     second.acquire()
     second.release()
 
@@ -56,8 +57,8 @@ def test_stale_lock_is_taken_over(tmp_path, capsys, holder):
     elif holder == "reused_pid_here":  # the pid runs, but it is a newer process than the holder
         _plant(lock_path, pid=os.getpid(), pid_start="1")
     else:
-        _plant(lock_path, host="elsewhere", heartbeat=time.time() - workdir_lib.LOCK_STALE_S - 1)
-    lock = workdir_lib.WorkdirLock(tmp_path)
+        _plant(lock_path, host="elsewhere", heartbeat=time.time() - lock_lib.LOCK_STALE_S - 1)
+    lock = lock_lib.WorkdirLock(tmp_path)
     lock.acquire()
     assert _record(lock_path)["token"] == lock.token
     assert "took over the stale lock" in capsys.readouterr().out
@@ -67,13 +68,13 @@ def test_stale_lock_is_taken_over(tmp_path, capsys, holder):
 
 def test_live_lock_on_another_host_is_respected_until_its_heartbeat_stops(tmp_path):
     _plant(tmp_path / "lock", host="elsewhere", pid=1234, heartbeat=time.time() - 60)
-    with pytest.raises(workdir_lib.WorkdirLocked, match=r"host elsewhere pid 1234, .* heartbeat 60 s ago"):
-        workdir_lib.WorkdirLock(tmp_path).acquire()
+    with pytest.raises(lock_lib.WorkdirLocked, match=r"host elsewhere pid 1234, .* heartbeat 60 s ago"):
+        lock_lib.WorkdirLock(tmp_path).acquire()
     assert _record(tmp_path / "lock")["token"] == "old"
 
 
 def test_heartbeat_refreshes_the_lock_and_notices_losing_it(tmp_path):
-    lock = workdir_lib.WorkdirLock(tmp_path, heartbeat_s=0.05)
+    lock = lock_lib.WorkdirLock(tmp_path, heartbeat_s=0.05)
     lock.acquire()
     first = _record(tmp_path / "lock")["heartbeat"]
     time.sleep(0.3)
@@ -91,7 +92,7 @@ def test_heartbeat_refreshes_the_lock_and_notices_losing_it(tmp_path):
 def test_exclusive_create_has_one_winner_among_racing_threads(tmp_path, monkeypatch, local):
     """Local disk (hard link) and the object-store protocol (claims, forced here on a local path)."""
     if not local:
-        monkeypatch.setattr(workdir_lib, "_is_local", lambda path: False)
+        monkeypatch.setattr(lock_lib, "_is_local", lambda path: False)
     for round_ in range(5):
         path = tmp_path / f"lock{round_}"
         barrier, wins = threading.Barrier(6), []
@@ -99,7 +100,7 @@ def test_exclusive_create_has_one_winner_among_racing_threads(tmp_path, monkeypa
         def contend(i):
             barrier.wait()
             for _ in range(20):  # the object-store protocol may let every contender lose a round: retry
-                if workdir_lib._create_exclusive(workdir_lib.epath.Path(path), f"writer {i}"):
+                if lock_lib._create_exclusive(lock_lib.epath.Path(path), f"writer {i}"):
                     wins.append(i)
                     return
                 if path.exists():
@@ -117,11 +118,11 @@ def test_exclusive_create_has_one_winner_among_racing_threads(tmp_path, monkeypa
 
 
 def test_lock_through_the_object_store_protocol(tmp_path, monkeypatch):
-    monkeypatch.setattr(workdir_lib, "_is_local", lambda path: False)
-    lock = workdir_lib.WorkdirLock(tmp_path)
+    monkeypatch.setattr(lock_lib, "_is_local", lambda path: False)
+    lock = lock_lib.WorkdirLock(tmp_path)
     lock.acquire()
-    with pytest.raises(workdir_lib.WorkdirLocked, match="in use by another training"):
-        workdir_lib.WorkdirLock(tmp_path).acquire()
+    with pytest.raises(lock_lib.WorkdirLocked, match="in use by another training"):
+        lock_lib.WorkdirLock(tmp_path).acquire()
     lock.release()
     assert not (tmp_path / "lock").exists()
 
@@ -138,7 +139,7 @@ def test_second_training_in_a_running_workdir_is_refused_and_the_first_finishes_
     try:
         h.wait_until(lambda: h.last_logged_step(workdir) >= 2, proc, log)
         before = (workdir / "config.json").read_text()
-        with pytest.raises(workdir_lib.WorkdirLocked) as error:
+        with pytest.raises(lock_lib.WorkdirLocked) as error:
             train.train_and_evaluate(h.make_config(env["data_cache"]), str(workdir))
         print(error.value)
         assert f"pid {proc.pid}" in str(error.value)

@@ -96,7 +96,7 @@ def test_finished_run_in_a_read_only_workdir_prints_its_results(env, finished, c
         with pytest.raises(OSError):
             (workdir / "probe").write_text("x")
         capsys.readouterr()
-        results = train.train_and_evaluate(h.make_config(env["data_cache"], log_every_steps=3), str(workdir))
+        results = train.train_and_evaluate(h.make_config(env["data_cache"], run__log_every_steps=3), str(workdir))
     out = capsys.readouterr().out
     assert f"{workdir} already finished {h.NUM_STEPS} steps (eval/top1 {saved['eval/top1']:.4f}" in out
     assert results == saved
@@ -137,6 +137,8 @@ def test_a_longer_run_extends_the_workdir_keeping_the_shorter_runs_record(env, f
     ("--config.model.hed=fc", "error: --config.model.hed=fc: config.model has no field 'hed'; did you mean "
                               "config.model.head?"),
     ("--config.model.width=abc", "error: flag --config.model.width=abc: could not convert string to float: 'abc'"),
+    ("--config.log_every_steps=5", "error: --config.log_every_steps=5: config.log_every_steps is now "
+                                   "config.run.log_every_steps; pass --config.run.log_every_steps=5."),
 ])
 def test_command_line_mistakes_are_one_line(tmp_path, flag, expected):
     proc = subprocess.run([sys.executable, "-m", "nin_jax.main", "--config=configs/digits.py",

@@ -45,12 +45,12 @@ def test_alternating_train_and_eval_never_hangs(env, variant, repeat):
     parallelism, eval_every, checkpoint_every = VARIANTS[variant]
     workdir, log = env["root"] / f"{variant}_{repeat}", env["root"] / f"{variant}_{repeat}.log"
     flags = {
-        "dataset": "image_folder", "data_dir": env["folder"], "cache_dir": env["root"] / "cache",
+        "dataset": "image_folder", "run.data_dir": env["folder"], "run.cache_dir": env["root"] / "cache",
         "image_size": 32, "augment.random_resized_crop": True, "augment.eval_resize": 36,
-        "model.arch": "nin_cifar10", "model.width": 0.125, "batch_size": 16, "eval_batch_size": 16,
-        "num_train_steps": NUM_STEPS, "optim.warmup_epochs": 0.0, "parallelism": parallelism,
-        "log_every_steps": 50, "eval_every_steps": eval_every, "checkpoint_every_steps": checkpoint_every,
-        "keep_checkpoints": 2,
+        "model.arch": "nin_cifar10", "model.width": 0.125, "batch_size": 16, "run.eval_batch_size": 16,
+        "num_train_steps": NUM_STEPS, "optim.warmup_epochs": 0.0, "run.parallelism": parallelism,
+        "run.log_every_steps": 50, "run.eval_every_steps": eval_every, "run.checkpoint_every_steps": checkpoint_every,
+        "run.keep_checkpoints": 2,
     }
     start = time.monotonic()
     with open(log, "w") as out:

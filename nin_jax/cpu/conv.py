@@ -1,9 +1,9 @@
 """2-D convolution (NHWC x HWIO, no bias) with formulations that are fast on XLA:CPU.
 
-On XLA:CPU the native `lax.conv_general_dilated` forward pass and its input gradient are fast (100-150
-GFLOP/s for the NIN layers on a 2-core AVX2 CPU), but its kernel (weight) gradient is not: ~55 GFLOP/s for
-NIN-CIFAR10's 5x5 96->192 layer and ~12 GFLOP/s for its first layer (cin=3), where the same math as GEMMs
-over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
+On XLA:CPU the native `lax.conv_general_dilated` forward pass and its input gradient run near the matmul
+rate, but its kernel (weight) gradient does not, least of all for few input channels (NIN's first layer has
+3); the same math as GEMMs over patch matrices, or in Winograd's domain, runs much closer to it (the figures,
+per machine, are in docs/performance.md). The implementations:
 
 * ``"xla"``: `lax.conv_general_dilated` for the value and (via autodiff) both gradients.
 * ``"hybrid"``: XLA's convolution for the value and for dX (a forward convolution of the output
@@ -14,7 +14,7 @@ over patch matrices runs at ~85 and ~60 GFLOP/s. The implementations:
 * ``"auto"`` (what the model uses): ``"winograd"`` for stride-1 layers with a kernel size in
   `WINOGRAD_KERNEL_SIZES` and at least `WINOGRAD_MIN_CHANNELS` input channels, ``"hybrid"`` for the others.
 
-`conv_general_dilated` plugs ``"auto"`` into `flax.linen.Conv`. Measured figures are in docs/performance.md.
+`conv_general_dilated` plugs ``"auto"`` into `flax.linen.Conv`.
 
 Strides > 1 are reduced to stride 1 by space-to-depth for every non-"xla" impl (an s x s pixel block
 becomes s*s*cin channels, the kernel is zero-padded to a multiple of s and rearranged the same way), so
@@ -174,7 +174,7 @@ def _patch_gemm_dw(xp: jax.Array, g: jax.Array, kernel_shape: tuple[int, ...]) -
     Longer ones get one GEMM per kernel row over that row's k*cin-wide patches: the GEMMs stay large
     while the patch matrix (k times smaller) no longer costs more memory traffic than it saves.
     Each GEMM is ``g^T @ patches`` with ``g^T`` transposed once: XLA:CPU then multiplies the patches in the
-    layout they are built in instead of transposing each patch matrix (~15% faster, measured).
+    layout they are built in instead of transposing each patch matrix.
     """
     k, _, cin, cout = kernel_shape
     out_h, out_w = g.shape[1], g.shape[2]

@@ -1,7 +1,8 @@
 """Host settings for the CPU backend, applied by the command-line tools before jax starts.
 
-`prepare` splits the CPU into host devices (data parallel over the cores) and, with `config.cpu_kernels`,
-re-executes the process with malloc huge pages. Hosts with an accelerator plugin are left alone.
+`prepare` splits the CPU into host devices (data parallel over the cores) and, for training with
+`config.run.cpu_kernels`, re-executes the process with malloc huge pages. Hosts with an accelerator plugin
+are left alone.
 
 Why huge pages: XLA:CPU's large per-step buffers are mapped fresh for every step, and with the kernel's
 transparent huge pages in ``madvise`` mode (the common default) they fault in 4 KiB at a time (the measured
@@ -86,20 +87,21 @@ def host_device_count(requested: int, batch_size: int) -> int:
     """``requested`` host devices, or for 0 one per core this process may use, lowered to a divisor of
     ``batch_size`` so that the data-parallel batch splits evenly."""
     if requested < 0:
-        raise ConfigError(f"config.num_cpu_devices={requested} must be >= 0 (0: one per core).")
+        raise ConfigError(f"config.run.num_cpu_devices={requested} must be >= 0 (0: one per core).")
     if requested:
         return requested
     return max(d for d in range(1, host_cores() + 1) if batch_size % d == 0)
 
 
-def prepare(config: ml_collections.ConfigDict) -> None:
-    """Call before jax initialises its backends. On a CPU-only host: re-executes with huge pages when
-    `config.cpu_kernels` is on (returns only if nothing changes), then sets the number of host devices
-    (`host_device_count`) unless XLA_FLAGS already sets one. Elsewhere does nothing."""
+def prepare(config: ml_collections.ConfigDict, *, reexec: bool = False) -> None:
+    """Call before jax initialises its backends. On a CPU-only host: with `reexec` (training, and the benchmark
+    that times its step) and `config.run.cpu_kernels`, re-executes with huge pages (returns only if nothing
+    changes), then sets the number of host devices (`host_device_count`) unless XLA_FLAGS already sets one.
+    Elsewhere does nothing."""
     if not cpu_backend_expected():
         return
-    count = host_device_count(config.num_cpu_devices, config.batch_size)
-    if config.cpu_kernels:
+    count = host_device_count(config.run.num_cpu_devices, config.batch_size)
+    if reexec and config.run.cpu_kernels:
         reexec_with_hugepages()
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         import jax  # pylint: disable=g-import-not-at-top

@@ -257,7 +257,7 @@ def pixel_lookup(table: np.ndarray, images: jax.Array) -> jax.Array:
     """uint8 [..., C] -> float32 ``table[x, c]``: a normaliser's exact output (`Normalizer.pixel_table`), computed
     where the images already are, so the host decodes and transfers uint8 only (a quarter of the bytes)."""
     channels = table.shape[1]
-    # A 1-D take from the flattened table: half the cost of a two-index gather on XLA:CPU (measured).
+    # A 1-D take from the flattened table: one index per element, where a two-index gather needs two.
     flat = images.astype(jnp.int32) * channels + jnp.arange(channels)
     return jnp.take(jnp.asarray(table.reshape(-1)), flat, mode="clip")  # in range by construction
 
@@ -296,7 +296,7 @@ class Pipeline:
         None and ``train_batches`` is unavailable.
       cache: where decoded and normalised splits are kept (default: shared by every Pipeline of the process).
       workers: large images only: decode in this many worker processes, or with 0 in threads of this process
-        (default: ``config.input_workers``). Batches do not depend on it.
+        (default: ``config.run.input_workers``). Batches do not depend on it.
     """
 
     def __init__(
@@ -329,8 +329,9 @@ class Pipeline:
         self._sharding = sharding
         self._cache = PROCESS_CACHE if cache is None else cache
         self._process_index, self._process_count = jax.process_index(), jax.process_count()
-        for field in ("batch_size", "eval_batch_size") if train else ("eval_batch_size",):
-            check_batch_layout(sharding, config[field], f"config.{field}")
+        if train:
+            check_batch_layout(sharding, config.batch_size, "config.batch_size")
+        check_batch_layout(sharding, config.run.eval_batch_size, "config.run.eval_batch_size")
         per_example = uses_per_example(config)
         source = sources.open_source(config, self._cache, encoded=per_example)
         if config.augment.random_resized_crop and not per_example:
@@ -339,7 +340,7 @@ class Pipeline:
                 f"use augment.translate / augment.flip for {config.dataset}"
             )
         if workers is None:
-            workers = int(config.input_workers)
+            workers = int(config.run.input_workers)
         self._path = _PerExample(config, source, workers) if per_example else _InMemory(config, source, self._cache)
 
         # Seconds spent in each setup stage (zero when served from the process cache), for the input benchmark.
@@ -420,7 +421,7 @@ class Pipeline:
         with mask 0. ``normalize=False``: as in `train_batches`.
         """
         opened = self._open_eval(split or self._config.eval_split)
-        batch = self._config.eval_batch_size
+        batch = self._config.run.eval_batch_size
 
         def host_batches() -> Iterator[dict[str, np.ndarray]]:
             for b in range(order.num_eval_batches(len(opened), batch)):
@@ -485,7 +486,7 @@ class Pipeline:
             "split": config.train_split,
             "num_examples": len(train),
             "image_shape": list(self._path.image_shape),
-            "data_dir": sources.location(config.data_dir),
+            "data_dir": sources.location(config.run.data_dir),
         }
         memo_key = ("normalizer", config.preprocess, json.dumps(fit_key, sort_keys=True),
                     config.zca_filter_bias, config.gcn_scale)
@@ -495,7 +496,7 @@ class Pipeline:
                 config.preprocess,
                 lambda: self._path.fit_images(train),
                 cache_key=fit_key,
-                cache_dirs=[config.data_dir, config.cache_dir or _DEFAULT_CACHE_DIR],
+                cache_dirs=[config.run.data_dir, config.run.cache_dir or _DEFAULT_CACHE_DIR],
                 zca_filter_bias=config.zca_filter_bias,
                 gcn_scale=config.gcn_scale,
             ),

@@ -5,7 +5,7 @@
 * ``mnist``, ``cifar10``, ``cifar100``, ``svhn_cropped``, ``imagenet2012``: TFDS, read with ``tfds.data_source``
   (ArrayRecord random access) or, for small datasets prepared as TFRecord, read once with ``tfds.load``.
   Nothing is ever downloaded.
-* ``image_folder``: ``<config.data_dir>/<split>/<class>/<image>`` listed by ``tfds.folder_dataset.ImageFolder``,
+* ``image_folder``: ``<config.run.data_dir>/<split>/<class>/<image>`` listed by ``tfds.folder_dataset.ImageFolder``,
   which orders each split by a deterministic shuffle, so slices such as ``train[45000:]`` are class-mixed.
 
 A source serves a base split either decoded (`Arrays`, for datasets that fit in memory) or as per-example
@@ -138,11 +138,11 @@ class Digits:
 def _not_prepared_error(name: str, data_dir: str | None, error: Exception) -> ConfigError:
     where = data_dir or "~/tensorflow_datasets"
     return ConfigError(
-        f"TFDS dataset {name!r} is not prepared in {where} (config.data_dir) and is never downloaded "
+        f"TFDS dataset {name!r} is not prepared in {where} (config.run.data_dir) and is never downloaded "
         f"implicitly ({type(error).__name__}: {error}). Prepare it on a machine with network access with "
         f"`tfds build {name} --data_dir={where} --file_format=array_record` (ImageNet also needs "
         f"--manual_dir=<dir with the ILSVRC2012 tars>), or train offline with config.dataset='image_folder' "
-        f"(config.data_dir=<root>/<split>/<class>/<image>) or config.dataset='digits'."
+        f"(config.run.data_dir=<root>/<split>/<class>/<image>) or config.dataset='digits'."
     )
 
 
@@ -154,7 +154,7 @@ class Tfds:
 
         self._tfds = tfds
         self._name = config.dataset
-        self._data_dir = config.data_dir
+        self._data_dir = config.run.data_dir
         self._image_size = config.image_size
         self._encoded = encoded
         self._cache = cache
@@ -213,15 +213,15 @@ class Tfds:
 
 class ImageFolder:
     def __init__(self, config: ml_collections.ConfigDict, cache: Cache):
-        root = config.data_dir
+        root = config.run.data_dir
         if not root:
             raise ConfigError(
-                "config.data_dir must be the image-folder root (<data_dir>/<split>/<class>/<image>) "
+                "config.run.data_dir must be the image-folder root (<data_dir>/<split>/<class>/<image>) "
                 "for config.dataset='image_folder'"
             )
         root = os.path.abspath(os.path.expanduser(root))
         if not os.path.isdir(root):
-            raise ConfigError(f"config.data_dir={root} (image_folder root) does not exist")
+            raise ConfigError(f"config.run.data_dir={root} (image_folder root) does not exist")
         self._root = root
         self._image_size = config.image_size
         self._cache = cache
@@ -264,7 +264,7 @@ def _list_folder(root: str) -> tuple[dict[str, FileExamples], tuple[str, ...]]:
     # ImageFolder silently skips split folders without class folders and keeps class folders without images.
     splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not splits:
-        raise ConfigError(f"config.data_dir={root} holds no split folders; expected <data_dir>/<split>/<class>/<image>")
+        raise ConfigError(f"config.run.data_dir={root} holds no split folders; expected <data_dir>/<split>/<class>/<image>")
     # tfds exposes no public random-access listing; `_split_examples` is ImageFolder's own (shuffled) example list.
     split_examples = builder._split_examples  # pylint: disable=protected-access
     for split in splits:

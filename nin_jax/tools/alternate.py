@@ -2,7 +2,7 @@
 
     python -m nin_jax.tools.alternate --rounds=5 --key=input/img_per_sec \
         'tfdata=python tfdata_imagenet_input.py /data/jpeg 40' \
-        'nin_jax=python -m nin_jax.input_benchmark --config=configs/imagenet.py --config.dataset=image_folder --config.data_dir=/data/jpeg --json'
+        'nin_jax=python -m nin_jax.input_benchmark --config=configs/imagenet.py --config.dataset=image_folder --config.run.data_dir=/data/jpeg --json'
 
 A shared machine's speed drifts by tens of percent within minutes, so two speeds compare only when measured
 in one run with the commands alternated (A B A B ...). Each command must print a JSON object on a line of its

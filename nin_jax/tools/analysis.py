@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cm.add_argument("--num_images", type=int, default=6)
     cm.add_argument("--split", default=None, help="default: the run's config.eval_split")
     cm.add_argument("--checkpoint", default="latest", help=restore.CHECKPOINT_CHOICES)
-    cm.add_argument("--data_dir", default=None, help="replaces the saved config.data_dir")
+    cm.add_argument("--data_dir", default=None, help="replaces the saved config.run.data_dir")
     cu = sub.add_parser("curves", help="train/eval loss and top-1 against step, one line per run")
     cu.add_argument("--workdir", action="append", required=True, help="a training workdir; repeat for several")
     cu.add_argument("--out", required=True, help="PNG file")

@@ -1,7 +1,7 @@
 """Throughput and model FLOPs utilisation (MFU) of the training step, inference and the input pipeline.
 
     python -m nin_jax.benchmark --config=configs/cifar10.py [--batch_size=128] [--steps=20] [--rounds=2]
-        [--loop_steps=20] [--input_batches=50] [--json=FILE or -] [--config.num_cpu_devices=0]
+        [--loop_steps=20] [--input_batches=50] [--json=FILE or -] [--config.run.num_cpu_devices=0]
 
 Compiles the real training step (`train.make_train_step`, same mesh and shardings as training) once, then
 runs `--rounds` rounds of two blocks: `--steps` consecutive train steps on a synthetic batch, each to
@@ -70,7 +70,7 @@ _LOOP_STEPS = flags.DEFINE_integer(
     "loop_steps", 20, "Consecutive train steps timed on batches of the real input pipeline, the dataset resident "
     "as in training (needs the dataset); 0 skips it and reports train/loop_img_per_sec as null.")
 _PEAK_SIZES = flags.DEFINE_list(
-    "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak (on a 2-core AVX2 CPU 2048 is the best).")
+    "peak_sizes", ["1024", "2048"], "Square matmul sizes for the peak; the best of them is the peak.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of 3 train steps here.")
 
 
@@ -220,7 +220,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
     batch_sharding = mesh_lib.data_sharding(mesh)
     image_shape, num_classes = dataset_shape(config, pipeline)
     dtype = train.compute_dtype(config)
-    model = models.create_model(config.model, num_classes, dtype=dtype, cpu_kernels=config.cpu_kernels)
+    model = models.create_model(config.model, num_classes, dtype=dtype, cpu_kernels=config.run.cpu_kernels)
     # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
     lr_fn = optax.constant_schedule(config.optim.learning_rate)
     rows = models.model_layer_table(model, image_shape)
@@ -358,7 +358,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         "arch": config.model.arch,
         "cpu_kernels": model.cpu_kernels,
         "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
-        "parallelism": config.parallelism,
+        "parallelism": config.run.parallelism,
         "load_avg_1min": [load_start, load_end],
         "host_malloc_hugepages": hostenv.HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
         "transparent_hugepage_mode": hostenv.transparent_hugepage_mode(),
@@ -415,7 +415,7 @@ def main(argv: Sequence[str]) -> None:
     if _BATCH.value is not None:
         config.batch_size = _BATCH.value
     try:
-        hostenv.prepare(config)
+        hostenv.prepare(config, reexec=True)  # the step as training runs it
         results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
                       loop_steps=_LOOP_STEPS.value, rounds=_ROUNDS.value,
                       peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)

@@ -1,9 +1,9 @@
 """Evaluates a trained workdir: `python -m nin_jax.evaluate --workdir=W [--split=test] [--checkpoint=latest|best|STEP]`.
 
-Rebuilds the model and data from the config saved in W (config.json), restores the checkpoint's parameters
-and BatchNorm statistics onto the devices of this machine (a run trained on a TPU pod or 8 host devices
-evaluates on 1 CPU: the variables are replicated, so only the device layout changes; the optimizer state is
-not read), evaluates one pass over the split and prints one JSON line:
+Rebuilds the model and data from the config saved in W (config.json), restores the checkpoint onto the
+devices of this machine, checked against its digest (a run trained on a TPU pod or 8 host devices evaluates
+on 1 CPU: the variables are replicated, so only the device layout changes), evaluates one pass over the
+split and prints one JSON line:
 `eval/top1`, `eval/top5`, `eval/loss`, `num_examples`, `step`, `checkpoint`.
 
 An unreadable newest checkpoint is skipped with a one-line warning naming it and the step used instead;
@@ -40,13 +40,13 @@ def restore_for_evaluation(workdir: str, *, checkpoint: str = "latest", arch: st
     """(the restored run on a mesh over every device, the data pipeline of its saved config)."""
     config = restore.load_saved_config(workdir, arch=arch)
     if data_dir is not None:
-        config.data_dir = data_dir
+        config.run.data_dir = data_dir
     mesh = mesh_lib.create_mesh()
     # The batch sizes must divide over this machine's devices; evaluation pads (mask 0) the last batch anyway,
     # and the train batch size only sets steps per epoch, so rounding them up changes no result.
     n = math.lcm(jax.device_count(), jax.process_count())
     config = ml_collections.ConfigDict(config.to_dict())
-    config.eval_batch_size = _round_up(config.eval_batch_size, n)
+    config.run.eval_batch_size = _round_up(config.run.eval_batch_size, n)
     config.batch_size = _round_up(config.batch_size, n)
     # The run's saved normaliser: the training split need not exist (runs older than the record refit it).
     record = run_record.load(workdir)
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default=None, help="split to evaluate (default: the run's config.eval_split)")
     parser.add_argument("--checkpoint", default="latest", help=CHECKPOINT_CHOICES)
     parser.add_argument("--arch", default=None, help="expected model.arch; refuses a checkpoint of another arch")
-    parser.add_argument("--data_dir", default=None, help="replaces the saved config.data_dir (data moved)")
+    parser.add_argument("--data_dir", default=None, help="replaces the saved config.run.data_dir (data moved)")
     args = parser.parse_args(argv)
     try:
         saved = restore.load_saved_config(args.workdir, arch=args.arch)

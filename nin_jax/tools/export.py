@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--saved_model", action="store_true", help="also write a TensorFlow SavedModel (jax2tf)")
     parser.add_argument("--platforms", default=",".join(DEFAULT_PLATFORMS),
                         help="comma-separated platforms to lower for (cpu, cuda, rocm, tpu)")
-    parser.add_argument("--data_dir", default=None, help="replaces the saved config.data_dir (data moved)")
+    parser.add_argument("--data_dir", default=None, help="replaces the saved config.run.data_dir (data moved)")
     args = parser.parse_args(argv)
     try:
         restore.check_output_path(args.out, "--out", directory=True)

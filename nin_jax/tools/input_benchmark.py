@@ -2,7 +2,7 @@
 against what one accelerator needs to train the config's model at a stated MFU.
 
     python -m nin_jax.input_benchmark --config=configs/imagenet.py --config.dataset=image_folder \\
-        --config.data_dir=DIR [--workers=N] [--accelerator="TPU v4"] [--mfu=0.4] [--num_batches=200] [--json]
+        --config.run.data_dir=DIR [--workers=N] [--accelerator="TPU v4"] [--mfu=0.4] [--num_batches=200] [--json]
 
 The need of one accelerator is ``peak FLOP/s x MFU / training FLOPs per image`` (analytic FLOPs of the model's
 layer table, the peak from nin_jax.hardware), so ``input/host_cores_per_accelerator`` is how many host cores a

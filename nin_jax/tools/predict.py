@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=5, help="classes to print per image")
     parser.add_argument("--json", action="store_true", help="one JSON line per image")
     parser.add_argument("--out", default=None, help="write the output to this file instead of stdout")
-    parser.add_argument("--data_dir", default=None, help="replaces the saved config.data_dir (data moved)")
+    parser.add_argument("--data_dir", default=None, help="replaces the saved config.run.data_dir (data moved)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (.jpg, .png, ...; local or gs://)")
     args = parser.parse_args(argv)
     try:

@@ -6,10 +6,10 @@
     run.top_classes(probs, k=3)                          # [[("cat", 0.91), ("dog", 0.05), ...], ...]
     maps = run.class_maps(images)                        # float32 [N, h, w, num_classes]
 
-`load_run` reads the config saved in the workdir (config.json), builds the model from it, and restores only
-the parameters and BatchNorm statistics of the checkpoint (an Orbax partial restore of the `state` item: the
-optimizer state, RNG key and step counter are never read) onto a mesh over this machine's devices, whatever
-topology the run was trained on. Images are uint8 HWC arrays or file paths of any size: they are resized or
+`load_run` reads the config saved in the workdir (config.json), builds the model from it, and restores the
+checkpoint's training state onto a mesh over this machine's devices, whatever topology the run was trained
+on, verified against its digest as training verifies it (`nin_jax.runtime.recovery`); it keeps the
+parameters and BatchNorm statistics. Images are uint8 HWC arrays or file paths of any size: they are resized or
 center-cropped to the model's input as the run's evaluation path does, then normalised with the run's fitted
 preprocessing.
 
@@ -20,15 +20,11 @@ unreadable one); `best` or a step number that cannot be read raises `CheckpointE
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
-import logging
 import math
 import os
-import re
-import sys
 from typing import Any, Callable, Sequence
 
 import flax
@@ -36,20 +32,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
 
 from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
-from nin_jax.checkpointing import CheckpointError
 from nin_jax.config import ConfigError
 from nin_jax.data import decode, run_record
+from nin_jax.runtime import quiet, recovery
 
-CHECKPOINT_CHOICES = "latest | best | a step number"
-# Digest of the restored subtree {"params", "batch_stats"} (`checkpointing.state_digest` of that dict), in a
-# step's meta. A partial restore cannot check the digest of the whole state (it covers the optimizer arrays
-# that are not read), so this one is verified when the checkpoint carries it.
-INFERENCE_DIGEST_KEY = "inference_sha256"
+CHECKPOINT_CHOICES = recovery.CHOICES
 _GRAY_MODES = ("1", "L", "I", "I;16", "F")
 ImageLike = Any  # a path (str / os.PathLike), or a uint8 array [H, W], [H, W, C]; or a uint8 batch [N, H, W, C]
 
@@ -95,38 +86,6 @@ def check_output_path(path: str, flag: str = "--out", *, directory: bool = False
             from e
 
 
-def short_error(error: BaseException, limit: int = 300) -> str:
-    """`Type: message` of the innermost cause, on one line, without the TensorStore specs (kilobytes of JSON)
-    that Orbax's read errors carry."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines()
-    spec = r"\s*\[(?:tensorstore_spec|source locations)|\.? See full TensorStore details"
-    text = re.split(spec, lines[0] if lines else "")[0]
-    if len(text) > limit:
-        code = re.match(r"[A-Z_]{3,}: ", text)
-        tail = text.rsplit(": ", 1)[-1]
-        text = (code.group(0) if code else "") + (tail if len(tail) < limit else tail[: limit - 3] + "...")
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
-class _QuietOrbax(logging.Filter):
-    """Drops Orbax's informational warnings (read-only manager, missing optional metadata) while restoring."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR or "/orbax/" not in record.pathname
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    logger, quiet = logging.getLogger("absl"), _QuietOrbax()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -138,146 +97,25 @@ class InferenceState:
     batch_stats: Any
 
 
-def _open_manager(ckpt_dir: epath.Path) -> ocp.CheckpointManager:
-    # Read-only, and lightweight: a damaged step's metrics are read (and can fail) only when asked for.
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, lightweight_initialize=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(ckpt_dir, options=options)
-
-
-def _saved_metric(mngr: ocp.CheckpointManager, step: int) -> float | None:
-    try:
-        metrics = mngr.metrics(step)
-    except Exception:  # noqa: BLE001 — a damaged metrics file: the step cannot be "best"
-        return None
-    value = (metrics or {}).get(checkpointing.BEST_METRIC)
-    return None if value is None else float(value)
-
-
-def select_step(mngr: ocp.CheckpointManager, checkpoint: str, directory: epath.Path) -> int:
-    """The step `checkpoint` (latest | best | a step number) names among the saved ones."""
-    steps = sorted(mngr.all_steps())
-    checkpoint = str(checkpoint)
-    if not steps:
-        raise ConfigError(
-            f"no checkpoint in {directory}: the run in this workdir has not saved one yet "
-            "(train longer, or lower config.checkpoint_every_steps)."
-        )
-    if checkpoint == "latest":
-        return steps[-1]
-    if checkpoint == "best":
-        scored = [(m, s) for s, m in ((s, _saved_metric(mngr, s)) for s in steps) if m is not None]
-        if not scored:
-            raise ConfigError(
-                f"no checkpoint in {directory} carries {checkpointing.BEST_METRIC}; use --checkpoint=latest.")
-        return max(scored)[1]
-    if checkpoint.isdigit():
-        if int(checkpoint) not in steps:
-            raise ConfigError(f"--checkpoint={checkpoint}: no such step in {directory}; saved steps are {steps}.")
-        return int(checkpoint)
-    raise ConfigError(f"--checkpoint={checkpoint!r}; choose {CHECKPOINT_CHOICES}.")
-
-
-def abstract_variables(model: models.NIN, image_shape: Sequence[int], sharding: jax.sharding.Sharding) -> dict:
-    """{"params", "batch_stats" (BN only)} as ShapeDtypeStructs with `sharding`: the partial-restore target."""
-    shapes = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, jnp.zeros((1, *image_shape)),
-                                               train=False))
-    tree = {"params": shapes["params"]}
-    if shapes.get("batch_stats"):
-        tree["batch_stats"] = shapes["batch_stats"]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def _check_against_saved(step_dir: epath.Path, target: dict) -> None:
-    """ConfigError if the checkpoint's arrays do not have the shapes the model built from config.json has.
-
-    (Orbax would otherwise pad or truncate arrays of another shape to the requested one.)
-    """
-    metadata = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata
-    if metadata is None:
-        raise CheckpointError(f"the array metadata in {step_dir / 'state'} cannot be read")
-    saved = metadata.tree
-    problems = []
-    for kind, subtree in target.items():
-        flat_saved = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved.get(kind, {}))}
-        for path, want in jax.tree_util.tree_leaves_with_path(subtree):
-            key = jax.tree_util.keystr(path)
-            have = flat_saved.get(key)
-            if have is None:
-                problems.append(f"{kind}{key} is missing")
-            elif tuple(have.shape) != tuple(want.shape):
-                problems.append(
-                    f"{kind}{key} is {tuple(have.shape)} in the checkpoint, {tuple(want.shape)} in the model")
-    if problems:
-        raise ConfigError(
-            f"the checkpoint {step_dir} does not hold the model that config.json describes "
-            f"({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}); is config.json from the same run?")
-
-
-def _restore_step(mngr: ocp.CheckpointManager, step: int, target: dict, ckpt_dir: epath.Path) -> tuple[dict, dict]:
-    _check_against_saved(ckpt_dir / str(step), target)
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target)
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-        meta=ocp.args.JsonRestore()))
-    variables, meta = dict(restored.state), dict(restored.meta or {})
-    if INFERENCE_DIGEST_KEY in meta and checkpointing.state_digest(variables) != meta[INFERENCE_DIGEST_KEY]:
-        raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} does not match its saved digest: its files "
-                              "were changed or damaged after it was written.")
-    return variables, meta
-
-
-def restore_variables(workdir: str, checkpoint: str, target: dict, *,
+def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: ml_collections.ConfigDict,
+                      image_shape: Sequence[int], mesh: jax.sharding.Mesh, *,
                       warn: Callable[[str], None] | None = None) -> tuple[dict, int, str]:
-    """Restores `target`'s subtrees ({"params", "batch_stats"}) of checkpoint `checkpoint` in `workdir`.
-
-    Returns (variables, step, step directory). `latest` falls back to the newest readable step, calling
-    `warn` (default: a line on stderr) with the unreadable ones; any other choice raises `CheckpointError`
-    naming the newest readable step.
-    """
-    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    """The {"params", "batch_stats"} of checkpoint `checkpoint` (latest | best | a step) in `workdir`, restored
+    replicated over `mesh` by `recovery.restore`; returns (variables, step, step directory)."""
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.exists():
-        raise ConfigError(
-            f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
-            "(train longer, or lower config.checkpoint_every_steps)."
-        )
-    checkpointing.silence_failed_read_leftovers()
-    with _quiet_orbax():
-        return _restore_with_fallback(ckpt_dir, str(checkpoint), target, warn)
-
-
-def _restore_with_fallback(ckpt_dir: epath.Path, checkpoint: str, target: dict,
-                           warn: Callable[[str], None]) -> tuple[dict, int, str]:
-    mngr = _open_manager(ckpt_dir)
-    try:
-        step = select_step(mngr, str(checkpoint), ckpt_dir)
-        older = [s for s in sorted(mngr.all_steps(), reverse=True) if s != step]
+        raise ConfigError(f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
+                          "(train longer, or lower config.run.checkpoint_every_steps).")
+    quiet.install()
+    target = train.abstract_train_state(config, model, tuple(image_shape), None, mesh)
+    with recovery.reading_quietly():
+        mngr = checkpointing.create_manager(ckpt_dir, keep=1, read_only=True)
         try:
-            variables, _ = _restore_step(mngr, step, target, ckpt_dir)
-            return variables, step, str(ckpt_dir / str(step))
-        except Exception as e:  # noqa: BLE001 — any read failure: try the older steps
-            if isinstance(e, ConfigError) and not isinstance(e, CheckpointError):
-                raise  # config.json does not describe this checkpoint: no other step will read either
-            failure = short_error(e)
-        bad = ckpt_dir / str(step)
-        failures = [f"step {step}: {failure}"]
-        for s in older:
-            try:
-                variables, _ = _restore_step(mngr, s, target, ckpt_dir)
-            except Exception as e:  # noqa: BLE001
-                failures.append(f"step {s}: {short_error(e)}")
-                continue
-            if str(checkpoint) == "latest" and s < step:
-                warn(f"warning: checkpoint {bad} is unreadable ({failure}); using step {s}, the newest readable one.")
-                return variables, s, str(ckpt_dir / str(s))
-            raise CheckpointError(f"checkpoint {bad} (--checkpoint={checkpoint}) is unreadable ({failure}); "
-                                  f"the newest readable step is {s}: pass --checkpoint={s}.")
-        raise CheckpointError(f"no checkpoint in {ckpt_dir} can be read ({'; '.join(failures)}); is config.json "
-                              "from the same run, and are the files complete?")
-    finally:
-        mngr.close()
+            state, _, step = recovery.restore(mngr, target, str(checkpoint), warn=warn)
+        finally:
+            mngr.close()
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    return variables, step, str(ckpt_dir / str(step))
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -331,7 +169,7 @@ def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preproces
     mesh = jax.make_mesh((1,), (mesh_lib.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.local_devices()[:1])
     config = ml_collections.ConfigDict(config.to_dict())
-    config.batch_size = config.eval_batch_size = max(jax.process_count(), 1)  # no batch is read here
+    config.batch_size = config.run.eval_batch_size = max(jax.process_count(), 1)  # no batch is read here
     try:
         pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
     except (ValueError, FileNotFoundError) as e:
@@ -340,7 +178,7 @@ def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preproces
         raise ConfigError(
             f"cannot rebuild the preprocessing of the run: its normaliser is refitted from "
             f"config.train_split={config.train_split!r} of config.dataset={config.dataset!r} "
-            f"(config.data_dir={config.data_dir!r}), which must be readable ({short_error(e)}); "
+            f"(config.run.data_dir={config.run.data_dir!r}), which must be readable ({recovery.short_error(e)}); "
             "pass --data_dir if the data moved.") from e
     return Preprocessing.from_pipeline(pipeline, config)
 
@@ -449,10 +287,10 @@ class TrainedRun:
 
     def forward(self, x: np.ndarray, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """{"logits", "probabilities": [N, classes], "class_maps": [N, h, w, channels]} of float32 model inputs
-        `x` [N, H, W, C] (already normalised), in batches of `batch_size` (default: config.eval_batch_size)."""
+        `x` [N, H, W, C] (already normalised), in batches of `batch_size` (default: config.run.eval_batch_size)."""
         x = np.asarray(x, np.float32)
         devices = self.mesh.size
-        batch = _round_up(batch_size or self.config.eval_batch_size, devices)
+        batch = _round_up(batch_size or self.config.run.eval_batch_size, devices)
         parts = []
         for start in range(0, len(x), batch):
             chunk = x[start:start + batch]
@@ -514,19 +352,19 @@ def load_run(workdir: str, checkpoint: str | int = "latest", *, config: ml_colle
     Args:
       config: replaces the saved config.json (default: that file).
       arch: expected `model.arch`; a run of another architecture raises ConfigError.
-      data_dir: replaces the saved `config.data_dir` (the data moved).
+      data_dir: replaces the saved `config.run.data_dir` (the data moved).
       mesh: where the variables live (default: every local device; batches are split over them).
       preprocessing: the run's preprocessing, when the caller already has it (e.g. from its own pipeline).
       warn: receives the one-line warning when `latest` falls back to an older step (default: stderr).
     """
     config = load_saved_config(workdir, arch=arch) if config is None else ml_collections.ConfigDict(config.to_dict())
     if data_dir is not None:
-        config.data_dir = data_dir
+        config.run.data_dir = data_dir
     if mesh is None:
         mesh = mesh_lib.create_mesh(jax.local_devices())
     prep = preprocessing or _preprocessing(workdir, config)
     model = models.create_model(config.model, len(prep.class_names), dtype=train.compute_dtype(config),
-                                cpu_kernels=config.cpu_kernels)
-    target = abstract_variables(model, prep.image_shape, mesh_lib.replicated(mesh))
-    variables, step, path = restore_variables(workdir, str(checkpoint), target, warn=warn)
+                                cpu_kernels=config.run.cpu_kernels)
+    variables, step, path = restore_variables(workdir, str(checkpoint), model, config, prep.image_shape, mesh,
+                                              warn=warn)
     return TrainedRun(str(workdir), config, model, variables, step, path, prep, mesh)

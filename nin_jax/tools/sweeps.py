@@ -135,6 +135,9 @@ def check_keys(config: ml_collections.ConfigDict, overrides: Mapping[str, Any], 
         node = config
         for part in key.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                moved = config_lib.moved_field_hint(key)
+                if moved is not None:
+                    raise ConfigError(f"{where}: config.{key} is now config.{moved}; write {moved}=... instead.")
                 raise ConfigError(f"{where}: config has no field {key!r} (from {key}=...); check the spelling.")
             node = node[part]
 

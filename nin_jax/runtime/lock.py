@@ -1,65 +1,28 @@
-"""A workdir holds one experiment: its record, its lock, and what a full disk leaves intact.
+"""One training per workdir: `<workdir>/lock`, held by process 0 of a job, on local disks and object stores."""
 
-config.json records the experiment at its first start; a rerun must match it, or only lengthen the run (an
-extension, which keeps the shorter run's record). One training at a time holds the workdir's lock
-(`WorkdirLock`), on local disks and on object stores (gs://).
-"""
+from __future__ import annotations
 
 import json
 import logging
 import os
 import random
-import re
 import socket
 import sys
 import threading
 import time
 import uuid
-from typing import Iterable
 
 import jax
-import ml_collections
 import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from nin_jax import checkpointing, config as config_lib
 from nin_jax.config import ConfigError
 
 
-class StorageFullError(OSError):
-    """The workdir's storage is full (or over quota); what was committed is intact and the run can resume."""
+class WorkdirLocked(Exception):
+    """Another run holds the workdir's lock (or this run lost it); the message names the holder."""
 
-
-class WorkdirLocked(ConfigError):
-    """Another run holds the workdir's lock (or this run lost it)."""
-
-
-def prepare_workdir(workdir: str) -> tuple[epath.Path, "WorkdirLock | None"]:
-    """Creates `workdir`, locks it (`lock_workdir`) and checks it is writable (early, before any compute).
-
-    Returns the path and the lock (held by process 0; None on the others), released by `WorkdirLock.release`.
-    """
-    path = epath.Path(workdir)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory path.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--workdir={workdir} is not writable ({e}); pass a directory you can write to.") from e
-    lock = lock_workdir(path)
-    try:
-        probe = path / f".write_test.{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        if lock is not None:
-            lock.release()
-        raise ConfigError(f"--workdir={workdir} is not writable ({e}); pass a directory you can write to.") from e
-    return path, lock
-
-
-# ---- The workdir lock: one training per workdir.
 
 LOCK_NAME = "lock"
 LOCK_HEARTBEAT_S = 30.0  # the holder rewrites its lock this often
@@ -300,118 +263,3 @@ def lock_workdir(path: epath.Path) -> WorkdirLock | None:
     if error is not None:
         raise error
     return lock
-
-
-# ---- The experiment's record: config.json, results.json, and extensions of a run.
-
-def _identity_changes(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict,
-                      fields: Iterable[str]) -> str:
-    a, b = config_lib.flatten(saved), config_lib.flatten(config)
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in fields)
-
-
-def check_identity(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict | None:
-    """The workdir's saved config (None for a new run); refuses, before anything is written, a config that
-    differs from it in more than the run's length (`config_lib.DURATION_FIELDS`)."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return None
-    saved = config_lib.from_json(path.read_text())
-    diff = [k for k in config_lib.identity_diff(saved, config) if k not in config_lib.DURATION_FIELDS]
-    if diff:
-        changes = _identity_changes(saved, config, diff)
-        raise ConfigError(f"--workdir={workdir} holds a different experiment ({changes}); rerun with its config "
-                          "(config.json) or use a new --workdir.")
-    return saved
-
-
-def finished_results(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict | None:
-    """results.json of a finished run of `config` in `workdir` (reads only: works on a read-only workdir)."""
-    results_path, config_path = workdir / "results.json", workdir / "config.json"
-    try:
-        if not (results_path.exists() and config_path.exists()):
-            return None
-        if config_lib.identity_diff(config_lib.from_json(config_path.read_text()), config):
-            return None  # another length: an extension (or refused)
-        return json.loads(results_path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / f"{path.name}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: epath.Path,
-                steps_per_epoch: int | None = None) -> int | None:
-    """Writes config.json at a run's first start; later starts must match its experiment identity.
-
-    Identity is every field but `config_lib.EXECUTION_FIELDS` (devices, cadences, kernels, data location),
-    which a resumed run may change; the file keeps the first start's values. The one exception is a longer
-    run (`num_train_steps` / `num_epochs` giving more steps): an extension. Its old record is kept as
-    config.<steps>.json (and results.<steps>.json if it had finished), config.json gets the new length, and the
-    old total is returned (None otherwise). A shorter run is refused.
-    """
-    path = workdir / "config.json"
-    saved = check_identity(config, workdir)
-    if saved is None:
-        if jax.process_index() == 0:
-            write_atomic(path, config.to_json_best_effort(indent=2))
-        return None
-    changed = config_lib.identity_diff(saved, config)
-    if not changed:
-        return None
-    if steps_per_epoch is None:
-        raise ValueError("save_config needs steps_per_epoch to compare run lengths")
-    old, new = config_lib.total_train_steps(saved, steps_per_epoch), config_lib.total_train_steps(config, steps_per_epoch)
-    changes = _identity_changes(saved, config, changed)
-    if new < old:
-        raise ConfigError(
-            f"--workdir={workdir} holds a run of {old} steps; {changes} would shorten it to {new}, and a run can only "
-            "be extended. Rerun with its config (config.json), evaluate an earlier checkpoint "
-            "(python -m nin_jax.evaluate --checkpoint=STEP), or use a new --workdir."
-        )
-    if new == old:
-        raise ConfigError(f"--workdir={workdir} holds a different experiment ({changes}, the same {old} steps); "
-                          "rerun with its config (config.json) or use a new --workdir.")
-    if jax.process_index() == 0:
-        kept = [f"config.{old}.json"]
-        if not (workdir / f"config.{old}.json").exists():
-            (workdir / f"config.{old}.json").write_text(path.read_text())
-        if (workdir / "results.json").exists():
-            (workdir / "results.json").rename(workdir / f"results.{old}.json")
-        if (workdir / f"results.{old}.json").exists():
-            kept.append(f"results.{old}.json")
-        write_atomic(path, config.to_json_best_effort(indent=2))
-        message = (f"Extending the run in {workdir} from {old} to {new} steps ({changes}); the {old}-step record is "
-                   f"kept as {' and '.join(kept)}.")
-        logging.info(message)
-        print(message, flush=True)
-    return old
-
-
-def committed_steps(directory: epath.Path) -> list[int]:
-    """Checkpoint steps on storage (Orbax's in-progress saves have a temporary name, or no commit marker)."""
-    try:
-        local = _is_local(directory)
-        return sorted(int(p.name) for p in directory.iterdir()
-                      if p.name.isdigit() and (local or (p / "commit_success.txt").exists()))
-    except OSError:
-        return []
-
-
-def disk_full_message(error: BaseException, workdir: epath.Path, ckpt_dir: epath.Path) -> str:
-    path = None
-    for e in checkpointing.exception_chain(error):
-        found = re.search(r'(?:Failed writing|local file): "([^"]+)"', str(e))
-        path = (e.filename if isinstance(e, OSError) and e.filename else None) or (found and found.group(1))
-        if path:
-            break
-    steps = committed_steps(ckpt_dir)
-    safe = (f"checkpoints {', '.join(map(str, steps[-3:]))} in {ckpt_dir} are intact (an unfinished save leaves only "
-            "a temporary directory, removed at the next start)" if steps else "no checkpoint had been committed yet")
-    resume = f"resume from step {steps[-1]}" if steps else "start again"
-    return (f"no space left on the storage of --workdir={workdir} (writing {path or workdir}); the run stopped and "
-            f"{safe}. Free space there (or raise the quota) and rerun the same command to {resume}.")
