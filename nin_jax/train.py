@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from nin_jax import architectures, checkpointing, config as config_lib, data, hardware, mesh as mesh_lib, models, optim
 from nin_jax import workdir as workdir_lib
 from nin_jax.config import ConfigError
+from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import run_record
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "terminated", and resumable by rerunning the command
@@ -335,7 +336,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
                              normalizer=None if recorded is None else recorded.normalizer)
     info = pipeline.info
     model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config),
-                                cpu_kernels=config.cpu_kernels)
+                                layers=cpu_layers.model_layers(config.cpu_kernels))
     rows = models.model_layer_table(model, info.image_shape)  # raises if the blocks shrink the images to nothing
     steps_per_epoch = pipeline.steps_per_epoch
     num_steps = config_lib.total_train_steps(config, steps_per_epoch)
