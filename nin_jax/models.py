@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,7 +17,6 @@ import ml_collections
 from nin_jax import architectures
 from nin_jax.architectures import BlockSpec
 from nin_jax.config import ConfigError, get_config
-from nin_jax.cpu import batchnorm as cpu_batchnorm, conv as cpu_conv, dense as cpu_dense, pooling
 
 BN_EPSILON = 1e-3  # as in the Torch NIN block (BatchNorm after every conv)
 BN_MOMENTUM = 0.9  # running-average decay; Torch's momentum=0.1
@@ -33,30 +33,73 @@ def _kernel_init(init: str, std: float) -> nn.initializers.Initializer:
                       "'pytorch' (U(+-1/sqrt(fan_in)), PyTorch's default).")
 
 
-def caffe_pool(x: jax.Array, kind: str, *, cpu_kernels: bool, window: int = 3, stride: int = 2) -> jax.Array:
-    """Pooling with Caffe's ceil-mode output size (32 -> 16 -> 8 for 3x3/2).
+ModuleDef = Callable[..., nn.Module]
+Padding = tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+class NormReLU(Protocol):
+    """`Layers.norm_relu`: BatchNorm named `name` (batch statistics when `train`), then ReLU if `relu`."""
+
+    def __call__(self, x: jax.Array, *, train: bool, relu: bool, momentum: float, epsilon: float,
+                 axis_name: str | None, dtype: Any, name: str) -> jax.Array: ...
+
+
+class Pool(Protocol):
+    """`Layers.pool`: `kind` ('max' or 'avg') pooling, `window` x `window` with `stride`, over `padding`."""
+
+    def __call__(self, x: jax.Array, kind: str, window: int, stride: int, padding: Padding) -> jax.Array: ...
+
+
+def flax_batch_norm_relu(x: jax.Array, *, train: bool, relu: bool, momentum: float, epsilon: float,
+                         axis_name: str | None, dtype: Any, name: str) -> jax.Array:
+    """`nn.BatchNorm` named `name` (batch statistics when `train`, else the running averages), then ReLU if
+    `relu`. Called inside the caller's compact method, so the BatchNorm's variables are the caller's `name`."""
+    x = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+                     dtype=dtype, param_dtype=jnp.float32, name=name)(x)
+    return nn.relu(x) if relu else x
+
+
+def flax_pool(x: jax.Array, kind: str, window: int, stride: int, padding: Padding) -> jax.Array:
+    """`nn.max_pool` (the padding never wins the max) or `nn.avg_pool` over the in-bounds pixels only."""
+    if kind == "max":
+        return nn.max_pool(x, (window, window), (stride, stride), padding)
+    return nn.avg_pool(x, (window, window), (stride, stride), padding, count_include_pad=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The layer definitions NIN is built from; the defaults are flax's own.
+
+    `conv` (the KxK convolutions) and `dense` (the 1x1 layers) take `nn.Conv`'s and `nn.Dense`'s fields.
+    `norm_relu` and `pool` are called inside the model's compact methods, where the modules they create are
+    the model's own (named `name`). Other bundles compute the same values with the same variables.
+    """
+
+    conv: ModuleDef = nn.Conv
+    dense: ModuleDef = nn.Dense
+    norm_relu: NormReLU = flax_batch_norm_relu
+    pool: Pool = flax_pool
+
+
+def caffe_pool(x: jax.Array, kind: str, pool: Pool = flax_pool, *, window: int = 3, stride: int = 2) -> jax.Array:
+    """Pooling with Caffe's ceil-mode output size (32 -> 16 -> 8 for 3x3/2), by `pool` (`Layers.pool`).
 
     The extra window at the bottom/right border overhangs the image; max ignores the overhang and average
-    counts only in-bounds pixels, as Caffe does for unpadded pooling. `cpu_kernels` selects the same math
-    with gradients that are cheap on XLA:CPU (`nin_jax.cpu.pooling`).
+    counts only in-bounds pixels, as Caffe does for unpadded pooling.
     """
+    if kind not in ("max", "avg"):
+        raise ValueError(f"unknown pooling {kind!r}; choose 'max' or 'avg'.")
     h, w = x.shape[1:3]
     oh, ow = architectures.ceil_pool_size(h, window, stride), architectures.ceil_pool_size(w, window, stride)
     pad = ((0, (oh - 1) * stride + window - h), (0, (ow - 1) * stride + window - w))
-    if kind not in ("max", "avg"):
-        raise ValueError(f"unknown pooling {kind!r}; choose 'max' or 'avg'.")
-    if cpu_kernels:
-        return (pooling.max_pool if kind == "max" else pooling.avg_pool)(x, window, stride, pad)
-    if kind == "max":
-        return nn.max_pool(x, (window, window), (stride, stride), pad)
-    return nn.avg_pool(x, (window, window), (stride, stride), pad, count_include_pad=False)
+    return pool(x, kind, window, stride, pad)
 
 
 class MLPConv(nn.Module):
     """An mlpconv layer: a KxK conv, then `len(widths) - 1` 1x1 layers, each followed by (BN and) ReLU.
 
     The 1x1 layers are channel-mixing dense layers: the same math (and parameters, up to a reshape) as a 1x1
-    convolution, whose weight gradient XLA:CPU computes an order of magnitude slower than the matmul.
+    convolution, written as the matrix product over channels that it is.
     `len(widths) == 1` is the plain convolution ("GLM") of the paper's ablation.
     `final_relu=False` leaves the last layer linear (used for class maps when `class_map_relu` is off).
     """
@@ -69,7 +112,7 @@ class MLPConv(nn.Module):
     init_scheme: str = "he"
     init_std: Sequence[float] | None = None
     final_relu: bool = True
-    cpu_kernels: bool = False
+    layers: Layers = Layers()
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -80,28 +123,20 @@ class MLPConv(nn.Module):
             kinit = _kernel_init(self.init_scheme, stds[j])
             if j == 0:
                 k, p = self.kernel_size, self.padding
-                x = nn.Conv(
+                x = self.layers.conv(
                     width, (k, k), (self.stride, self.stride), ((p, p), (p, p)), use_bias=not self.batch_norm,
                     kernel_init=kinit, dtype=self.dtype, param_dtype=jnp.float32, name="conv",
-                    conv_general_dilated=cpu_conv.conv_general_dilated if self.cpu_kernels else None,
                 )(x)
             else:
-                x = nn.Dense(
+                x = self.layers.dense(
                     width, use_bias=not self.batch_norm, kernel_init=kinit, dtype=self.dtype,
                     param_dtype=jnp.float32, name=f"mlp{j}",
-                    dot_general=cpu_dense.dot_general if self.cpu_kernels else None,
                 )(x)
             relu = self.final_relu or j < len(self.widths) - 1
-            if self.batch_norm and self.cpu_kernels and train:  # the same variables as nn.BatchNorm's
-                x = cpu_batchnorm.BatchNormReLU(BN_MOMENTUM, BN_EPSILON, relu, self.bn_axis_name, self.dtype,
-                                                name=f"bn{j}")(x)
-                continue
             if self.batch_norm:
-                x = nn.BatchNorm(
-                    use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                    axis_name=self.bn_axis_name, dtype=self.dtype, param_dtype=jnp.float32, name=f"bn{j}",
-                )(x)
-            if relu:
+                x = self.layers.norm_relu(x, train=train, relu=relu, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                          axis_name=self.bn_axis_name, dtype=self.dtype, name=f"bn{j}")
+            elif relu:
                 x = nn.relu(x)
         return x
 
@@ -129,7 +164,7 @@ class NIN(nn.Module):
     class_map_relu: bool
     init_scheme: str  # config.model.init (`init` is Module.init)
     num_classes: int
-    cpu_kernels: bool = False  # nin_jax.cpu's conv and pooling (XLA:CPU only; same math)
+    layers: Layers = Layers()  # the layer definitions (same math and variables in every bundle)
     bn_axis_name: str | None = None  # set for a per-device (shard_map) step: BN statistics over the batch
     dtype: Any = jnp.float32
 
@@ -153,11 +188,11 @@ class NIN(nn.Module):
                 widths, stds = widths[:-1], stds and stds[:-1]
             x = MLPConv(
                 widths, b.kernel, b.stride, b.pad, batch_norm=self.batch_norm, init_scheme=self.init_scheme, init_std=stds,
-                final_relu=self.class_map_relu or not last, cpu_kernels=self.cpu_kernels,
+                final_relu=self.class_map_relu or not last, layers=self.layers,
                 bn_axis_name=self.bn_axis_name, dtype=self.dtype, name=f"block{i}",
             )(x, train=train)
             if b.pool is not None:
-                x = caffe_pool(x, b.pool, cpu_kernels=self.cpu_kernels)
+                x = caffe_pool(x, b.pool, self.layers.pool)
             if b.dropout and self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         class_maps = x.astype(jnp.float32)
@@ -184,11 +219,9 @@ def output_layer_path(model: NIN) -> tuple[str, ...]:
 
 
 def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Any = jnp.float32,
-                 cpu_kernels: bool = False, bn_axis_name: str | None = None) -> NIN:
-    """The NIN described by `config.model` for `num_classes` classes; bad fields raise `ConfigError` here.
-
-    `cpu_kernels` takes effect only on the CPU backend (see `nin_jax.cpu`).
-    """
+                 layers: Layers = Layers(), bn_axis_name: str | None = None) -> NIN:
+    """The NIN described by `config.model` for `num_classes` classes, built from `layers`; bad fields raise
+    `ConfigError` here."""
     architectures.resolve_blocks(model_cfg, num_classes)  # validates the ablation fields
     if not 0.0 <= model_cfg.fc_dropout < 1.0:
         raise ConfigError(f"config.model.fc_dropout={model_cfg.fc_dropout!r} must be in [0, 1).")
@@ -197,8 +230,7 @@ def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int, *, dtyp
     _kernel_init(model_cfg.init, 0.05)  # validates the name
     fields = dict(model_cfg)
     fields["init_scheme"] = fields.pop("init")
-    return NIN(**fields, num_classes=num_classes, cpu_kernels=cpu_kernels and jax.default_backend() == "cpu",
-               bn_axis_name=bn_axis_name, dtype=dtype)
+    return NIN(**fields, num_classes=num_classes, layers=layers, bn_axis_name=bn_axis_name, dtype=dtype)
 
 
 def variables(params: Any, batch_stats: Any) -> dict[str, Any]:

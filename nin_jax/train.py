@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 from nin_jax import architectures, checkpointing, config as config_lib, data, hardware, mesh as mesh_lib, models, optim
 from nin_jax.runtime import workdir as workdir_lib
 from nin_jax.config import ConfigError
+from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import run_record
 
 # Steps the host may dispatch ahead of the devices before it waits for the oldest one (see
@@ -235,7 +236,7 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
                              normalizer=None if recorded is None else recorded.normalizer)
     info = pipeline.info
     model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config),
-                                cpu_kernels=config.run.cpu_kernels)
+                                layers=cpu_layers.model_layers(config.run.cpu_kernels))
     rows = models.model_layer_table(model, info.image_shape)  # raises if the blocks shrink the images to nothing
     num_steps = config_lib.total_train_steps(config, pipeline.steps_per_epoch)
     lr_fn = optim.create_learning_rate_fn(config, pipeline.steps_per_epoch, num_steps)

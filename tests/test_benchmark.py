@@ -12,6 +12,7 @@ import pytest
 from configs import digits
 from config_helpers import model_config
 from nin_jax import architectures, models
+from nin_jax.cpu import layers as cpu_layers
 from nin_jax.tools import alternate, benchmark
 
 pytestmark = pytest.mark.cpu  # host devices or the CPU kernels
@@ -57,16 +58,16 @@ def test_cli_prints_json_with_all_keys(tmp_path):
 
 def test_executed_flops_count_winograd_multiplies():
     cfg = model_config("nin_cifar10")
-    model = models.create_model(cfg, 10, cpu_kernels=True)
+    model = models.create_model(cfg, 10, layers=cpu_layers.LAYERS)
     rows = models.model_layer_table(model, (32, 32, 3))
     forward, train_step = architectures.forward_flops_per_image(rows), architectures.train_flops_per_image(rows)
-    # On CPU, auto runs conv2 (5x5, 96->192, 16x16 output) and conv3 (3x3, 192->192, 8x8) by F(4x4, kxk):
+    # With the CPU layers, auto runs conv2 (5x5, 96->192, 16x16 output) and conv3 (3x3, 192->192, 8x8) by F(4x4, kxk):
     # per 4x4 output tile (k+3)^2 products per channel pair instead of 16 k^2.
     saved_macs = (16 * 16 * 25 - 4 * 4 * 64) * 96 * 192 + (8 * 8 * 9 - 2 * 2 * 36) * 192 * 192
     executed = benchmark.executed_flops_per_image(model, rows, 3)
     assert executed == pytest.approx((forward - 2 * saved_macs, train_step - 3 * 2 * saved_macs))
     assert executed[0] == pytest.approx(0.2149e9, rel=1e-3)
-    plain = models.create_model(cfg, 10, cpu_kernels=False)
+    plain = models.create_model(cfg, 10)
     assert benchmark.executed_flops_per_image(plain, rows, 3) == (forward, train_step)
 
 

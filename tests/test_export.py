@@ -12,10 +12,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
 from nin_jax.config import ConfigError
+from nin_jax.cpu import layers as cpu_layers
 from nin_jax.tools import export, restore
 
 import test_predict
@@ -85,6 +87,10 @@ def test_exported_model_reloads_without_nin_jax_and_gives_the_flax_logits(run, t
     np.testing.assert_allclose(got["tf_probs"], expected["probabilities"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(got["jax_small"], expected["logits"][:3], rtol=0, atol=1e-5)
     assert list(got["platforms"]) == ["cpu", "cuda", "tpu"] and list(got["shape"]) == ["b", "8", "8", "3"]
+    # Served by flax's own layers, whatever the run's model is built from (on CPU nin_jax.cpu's, whose
+    # kernels carry custom gradients).
+    assert run.model.layers == cpu_layers.model_layers(run.config.run.cpu_kernels)
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(export.serving_function(run))(images))
 
 
 @pytest.mark.parametrize("method", ["scale", "standardize", "gcn_zca", "gcn_lcn"])

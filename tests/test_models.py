@@ -1,5 +1,9 @@
 """The NIN modules: exact presets, shapes, GAP semantics, ablation switches and bad-input errors."""
 
+import dataclasses
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +11,7 @@ import pytest
 
 from config_helpers import model_config
 from nin_jax import architectures, models
+from nin_jax.cpu import layers as cpu_layers
 
 PAPER_PARAMS = {
     "nin_cifar10": 966_986,
@@ -175,25 +180,62 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
     assert model.apply(variables, x, train=False).dtype == jnp.float32
 
 
-@pytest.mark.parametrize("cpu_kernels", [False, True])
-def test_caffe_pooling_is_ceil_mode_and_averages_only_in_bounds_pixels(cpu_kernels):
+@pytest.mark.parametrize("layers", [models.Layers(), cpu_layers.LAYERS], ids=["flax", "cpu"])
+def test_caffe_pooling_is_ceil_mode_and_averages_only_in_bounds_pixels(layers):
+    pool = layers.pool
     x = jnp.ones((1, 8, 8, 1))
-    assert models.caffe_pool(x, "avg", cpu_kernels=cpu_kernels).shape == (1, 4, 4, 1)
+    assert models.caffe_pool(x, "avg", pool).shape == (1, 4, 4, 1)
     # Border windows are not diluted by the overhang.
-    np.testing.assert_allclose(models.caffe_pool(x, "avg", cpu_kernels=cpu_kernels), 1.0)
+    np.testing.assert_allclose(models.caffe_pool(x, "avg", pool), 1.0)
     x = -jnp.arange(64.0).reshape(1, 8, 8, 1)  # all negative: an overhang counted as 0 would win the max
-    np.testing.assert_allclose(models.caffe_pool(x, "max", cpu_kernels=cpu_kernels)[0, -1, -1, 0], -(6 * 8 + 6))
+    np.testing.assert_allclose(models.caffe_pool(x, "max", pool)[0, -1, -1, 0], -(6 * 8 + 6))
+
+
+def test_the_default_model_is_built_from_flaxs_own_layers():
+    model = models.create_model(model_config("nin_digits", batch_norm=True), 10)
+    assert model.layers == models.Layers()
+    assert dataclasses.astuple(model.layers) == (nn.Conv, nn.Dense, models.flax_batch_norm_relu, models.flax_pool)
+    # Every module the model creates, in evaluation and in training, is flax's own with lax's own products.
+    built = []
+
+    def record(module, method_name):
+        del method_name
+        built.append(module)
+        return False
+
+    def init(train):
+        key = jax.random.key(0)
+        return model.init({"params": key, "dropout": key}, jnp.zeros((2, 8, 8, 1)), train=train,
+                          capture_intermediates=record)
+
+    for train in (False, True):
+        jax.eval_shape(functools.partial(init, train))
+    types = {type(m) for m in built}
+    assert types == {models.NIN, models.MLPConv, nn.Conv, nn.Dense, nn.BatchNorm, nn.Dropout}
+    assert all(m.conv_general_dilated is None for m in built if isinstance(m, nn.Conv))
+    assert all(m.dot_general is None for m in built if isinstance(m, nn.Dense))
+
+
+def test_a_run_uses_the_cpu_bundle_only_with_cpu_kernels_on_the_cpu_backend():
+    assert cpu_layers.model_layers(False) == models.Layers()
+    on_cpu = jax.default_backend() == "cpu"
+    assert cpu_layers.model_layers(True) == (cpu_layers.LAYERS if on_cpu else models.Layers())
 
 
 @pytest.mark.slow
 def test_cpu_kernels_compute_the_same_model():
+    """The CPU bundle: the same variables, values, gradients and updated BatchNorm statistics as flax's layers."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((4, 32, 32, 3)), jnp.float32)
     cfg = model_config("nin_cifar10", batch_norm=True, width=0.5, dropout_rate=0.0)
-    plain = models.create_model(cfg, 10, cpu_kernels=False)
-    fast = models.create_model(cfg, 10, cpu_kernels=True)
-    assert fast.cpu_kernels == (jax.default_backend() == "cpu")
+    plain = models.create_model(cfg, 10)
+    fast = models.create_model(cfg, 10, layers=cpu_layers.LAYERS)
     variables = plain.init(jax.random.key(0), x, train=False)
+    # The same variables (paths, shapes, dtypes) in either mode, so a checkpoint restores into either model.
+    for train in (False, True):
+        shapes = [jax.eval_shape(functools.partial(m.init, jax.random.key(0), x, train=train)) for m in (fast, plain)]
+        assert jax.tree.structure(shapes[0]) == jax.tree.structure(shapes[1]) == jax.tree.structure(variables)
+        assert jax.tree.leaves(shapes[0]) == jax.tree.leaves(shapes[1])
 
     def loss(model, params):
         return jnp.sum(model.apply({**variables, "params": params}, x, train=False) ** 2)
@@ -204,8 +246,8 @@ def test_cpu_kernels_compute_the_same_model():
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.max(np.abs(b))))
 
-    # Training mode (batch statistics; on CPU BatchNorm + ReLU run as cpu.batchnorm): the same loss,
-    # gradients and updated running averages.
+    # Training mode (batch statistics; BatchNorm + ReLU run as cpu.batchnorm): the same loss, gradients and
+    # updated running averages.
     def train_loss(model, params):
         out, updates = model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
         return jnp.sum(out**2), updates

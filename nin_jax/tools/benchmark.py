@@ -39,7 +39,7 @@ from ml_collections import config_flags
 
 from nin_jax import architectures, data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
-from nin_jax.cpu import conv as cpu_conv, hostenv, winograd
+from nin_jax.cpu import conv as cpu_conv, hostenv, layers as cpu_layers, winograd
 
 # Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -132,12 +132,17 @@ def _peak_memory_bytes() -> tuple[str, float]:
     return "host_peak_rss_bytes", float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
+def _cpu_kernels(model: models.NIN) -> bool:
+    """Whether the model is built from nin_jax.cpu's layers."""
+    return model.layers == cpu_layers.LAYERS
+
+
 def _resolved_conv_impls(model: models.NIN, in_channels: int) -> list[str]:
     """The formulation each block's KxK convolution runs: per layer with CPU kernels, else XLA's."""
     impls = []
     for block in model.block_specs:
         kernel_shape = (block.kernel, block.kernel, in_channels, block.widths[0])
-        impls.append(cpu_conv.resolve_impl("auto", kernel_shape, block.stride) if model.cpu_kernels else "xla")
+        impls.append(cpu_conv.resolve_impl("auto", kernel_shape, block.stride) if _cpu_kernels(model) else "xla")
         in_channels = block.widths[-1]
     return impls
 
@@ -220,7 +225,8 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
     batch_sharding = mesh_lib.data_sharding(mesh)
     image_shape, num_classes = dataset_shape(config, pipeline)
     dtype = train.compute_dtype(config)
-    model = models.create_model(config.model, num_classes, dtype=dtype, cpu_kernels=config.run.cpu_kernels)
+    model = models.create_model(config.model, num_classes, dtype=dtype,
+                                layers=cpu_layers.model_layers(config.run.cpu_kernels))
     # The schedule's shape costs a few scalar ops per step; a constant one needs no dataset size.
     lr_fn = optax.constant_schedule(config.optim.learning_rate)
     rows = models.model_layer_table(model, image_shape)
@@ -356,7 +362,7 @@ def _run(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, pipeline: d
         "rounds": rounds,
         "dtype": jnp.dtype(dtype).name,
         "arch": config.model.arch,
-        "cpu_kernels": model.cpu_kernels,
+        "cpu_kernels": _cpu_kernels(model),
         "conv_impls_resolved": _resolved_conv_impls(model, image_shape[-1]),
         "parallelism": config.run.parallelism,
         "load_avg_1min": [load_start, load_end],

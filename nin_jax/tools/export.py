@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from nin_jax import models
 from nin_jax.config import ConfigError
 from nin_jax.cpu import hostenv
 from nin_jax.tools import restore
@@ -91,9 +92,10 @@ def jnp_normalizer(normalizer: Any) -> Callable[[jax.Array], jax.Array]:
 def serving_function(run: restore.TrainedRun) -> Callable[[jax.Array], dict[str, jax.Array]]:
     """uint8 [b, H, W, C] -> {"logits", "probabilities"} (float32 [b, classes]), weights as constants.
 
-    Uses flax's own convolution and pooling (never nin_jax's CPU kernels), so the program runs on any backend.
+    Built from flax's own layers (`models.Layers()`, whatever the run trained with), so the program runs on any
+    backend.
     """
-    model = run.model.clone(cpu_kernels=False)
+    model = run.model.clone(layers=models.Layers())
     variables = jax.tree.map(np.asarray, jax.device_get(run.variables))
     normalize = jnp_normalizer(run.preprocessing.normalizer)
 

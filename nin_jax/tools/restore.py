@@ -37,6 +37,7 @@ from PIL import Image
 
 from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
+from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import decode, run_record
 from nin_jax.runtime import quiet, recovery
 
@@ -364,7 +365,7 @@ def load_run(workdir: str, checkpoint: str | int = "latest", *, config: ml_colle
         mesh = mesh_lib.create_mesh(jax.local_devices())
     prep = preprocessing or _preprocessing(workdir, config)
     model = models.create_model(config.model, len(prep.class_names), dtype=train.compute_dtype(config),
-                                cpu_kernels=config.run.cpu_kernels)
+                                layers=cpu_layers.model_layers(config.run.cpu_kernels))
     variables, step, path = restore_variables(workdir, str(checkpoint), model, config, prep.image_shape, mesh,
                                               warn=warn)
     return TrainedRun(str(workdir), config, model, variables, step, path, prep, mesh)
