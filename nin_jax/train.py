@@ -193,9 +193,10 @@ def make_eval_step(model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh,
 
 def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
     """One pass over `batches`: eval/loss, eval/top1, eval/top5 and eval/num_examples."""
-    total = None
+    total, run_ahead = None, mesh_lib.RunAheadBound()  # on CPU host devices, unbounded dispatch can deadlock
     for batch in batches:
         m = p_eval_step(state, batch)
+        run_ahead.add(m)
         total = m if total is None else total.merge(m)
     if total is None:
         raise ConfigError("the evaluation split is empty; check config.eval_split.")
@@ -438,12 +439,14 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, workdir_path:
 
     preemption = PreemptionWatcher()
     done = start_step
+    run_ahead = mesh_lib.RunAheadBound()  # on CPU host devices, unbounded dispatch can deadlock
     try:
         train_iter = pipeline.train_batches(start_step, normalize=False)
         for step in range(start_step, num_steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 batch = next(train_iter)
                 state, m = p_train_step(state, batch)
+            run_ahead.add(m)
             done = step + 1
             pending_losses.append((done, m.loss.total))
             train_metrics = m if train_metrics is None else train_metrics.merge(m)
