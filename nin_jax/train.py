@@ -10,7 +10,6 @@ record, checkpoints' recovery, signals). Every checkpoint is committed before th
 failing evaluation never costs training; SIGTERM and Ctrl-C save at the next step boundary.
 """
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -35,11 +34,6 @@ from nin_jax.runtime import workdir as workdir_lib
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import run_record
-
-# Steps the host may dispatch ahead of the devices before it waits for the oldest one (see
-# docs/cpu_collectives.md: too many multi-device programs in flight deadlock XLA:CPU's collectives).
-MAX_STEPS_IN_FLIGHT = 8
-
 
 class TrainState(train_state.TrainState):
     """Parameters, optimizer state, BatchNorm statistics and the run's base RNG key (raw key data)."""
@@ -184,13 +178,11 @@ def make_eval_step(model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh,
 
 def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
     """One pass over `batches`: eval/loss, eval/top1, eval/top5 and eval/num_examples."""
-    total, in_flight = None, collections.deque()
+    total, run_ahead = None, mesh_lib.RunAheadBound()  # on CPU host devices, unbounded dispatch can deadlock
     for batch in batches:
         m = p_eval_step(state, batch)
+        run_ahead.add(m)
         total = m if total is None else total.merge(m)
-        in_flight.append(m)
-        if len(in_flight) > MAX_STEPS_IN_FLIGHT:  # bounds the work in flight, as in the training loop
-            jax.block_until_ready(in_flight.popleft())
     if total is None:
         raise ConfigError("the evaluation split is empty; check config.eval_split.")
     out = {f"eval/{k}": float(v) for k, v in total.compute().items()}
@@ -225,7 +217,7 @@ class Trainer:
     window: TrainMetrics | None  # the training metrics since the last log line
     flops_per_image: float  # analytic model FLOPs of a training step, per image
     results: dict[str, Any] = dataclasses.field(default_factory=dict)  # what results.json reports
-    losses: collections.deque = dataclasses.field(default_factory=collections.deque)  # (step, loss) not yet checked
+    losses: list[tuple[int, jax.Array]] = dataclasses.field(default_factory=list)  # (step, loss) not yet checked
 
 
 def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Trainer:
@@ -280,17 +272,16 @@ def train(t: Trainer, session: workdir_lib.Session) -> None:
     hooks = []
     if run.profile and session.is_chief:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(session.path)))
-    timer = Stopwatch()
+    timer, run_ahead = Stopwatch(), mesh_lib.RunAheadBound()  # on CPU host devices, unbounded dispatch can deadlock
     batches = t.pipeline.train_batches(t.step, normalize=False)
     with session.signals(lambda: t.step) as preemption:
         for step in range(t.step, t.num_steps):
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 t.state, m = t.train_step(t.state, next(batches))
+            run_ahead.add(m)
             t.step = step + 1
             t.window = m if t.window is None else t.window.merge(m)
             t.losses.append((t.step, m.loss.total))
-            while len(t.losses) > MAX_STEPS_IN_FLIGHT:  # waits for an older step: bounds the work in flight
-                check_finite(t, [t.losses.popleft()])
             timer.count(t.config.batch_size, m)
             for hook in hooks:
                 hook(t.step)
@@ -347,12 +338,11 @@ class Stopwatch:
                 self._start += time.perf_counter() - begin
 
 
-def check_finite(t: Trainer, losses: Iterable[tuple[int, jax.Array]] | None = None) -> None:
-    """Raises `NonFiniteLossError` naming the first step whose loss (of `losses`, default all unchecked ones) is
-    not finite, after the last good checkpoint is committed."""
-    pending = list(t.losses if losses is None else losses)
-    if losses is None:
-        t.losses.clear()
+def check_finite(t: Trainer) -> None:
+    """Raises `NonFiniteLossError` naming the first step since the last check whose loss is not finite, after
+    the last good checkpoint is committed."""
+    pending = list(t.losses)
+    t.losses.clear()
     for (step, _), value in zip(pending, jax.device_get([v for _, v in pending])):
         if not np.isfinite(value):
             _stop_nonfinite(t, f"train/loss became {float(value)} at step {step}")

@@ -16,6 +16,7 @@ import optax
 from jax.experimental.compilation_cache import compilation_cache
 
 from config_helpers import with_overrides
+from nin_jax.cpu import hostenv
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NUM_STEPS = 24
@@ -90,7 +91,7 @@ def subprocess_env(compile_cache: str | os.PathLike) -> dict[str, str]:
     """Environment of a training subprocess that compiles exactly like this test process (and shares its cache)."""
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=hostenv.with_collective_timeouts("--xla_force_host_platform_device_count=8"),  # as conftest
         JAX_DISABLE_MOST_OPTIMIZATIONS="1",
         JAX_COMPILATION_CACHE_DIR=str(compile_cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -1,8 +1,10 @@
-"""hostenv: host devices, and when the entry points restart themselves with glibc's huge-page tunable."""
+"""hostenv: host devices, the collectives' timeouts, and when the entry points restart themselves with glibc's
+huge-page tunable."""
 
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from nin_jax.cpu import hostenv
@@ -47,7 +49,7 @@ def test_host_device_count_defaults_to_a_divisor_of_the_batch_per_core(monkeypat
     assert hostenv.host_device_count(0, 128) == 4  # 6 cores, but 128 splits evenly over at most 4
     assert hostenv.host_device_count(0, 96) == 6
     assert hostenv.host_device_count(3, 128) == 3  # an explicit count is kept (the mesh checks divisibility)
-    with pytest.raises(ValueError, match="num_cpu_devices=-1"):
+    with pytest.raises(ValueError, match="run.num_cpu_devices=-1"):
         hostenv.host_device_count(-1, 128)
 
 
@@ -56,3 +58,30 @@ def test_accelerator_hosts_are_left_alone(monkeypatch):
     assert not hostenv.cpu_backend_expected({"JAX_PLATFORMS": "tpu,cpu"})
     monkeypatch.setattr(hostenv.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
     assert not hostenv.cpu_backend_expected({})
+
+
+def test_collective_timeouts_are_added_unless_already_set():
+    flags = hostenv.with_collective_timeouts("--xla_force_host_platform_device_count=8")
+    assert flags == ("--xla_force_host_platform_device_count=8"
+                     " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+                     " --xla_cpu_collective_call_terminate_timeout_seconds=3600")
+    assert hostenv.with_collective_timeouts(flags) == flags  # idempotent
+    mine = "--xla_cpu_collective_call_terminate_timeout_seconds=5"
+    assert hostenv.with_collective_timeouts(mine) == f"{mine} --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+    assert hostenv.with_collective_timeouts("") == " ".join(
+        f"--{name}={seconds}" for name, seconds in hostenv.COLLECTIVE_TIMEOUTS_S.items())
+
+
+def test_prepare_sets_the_timeouts_and_keeps_the_users_flags(monkeypatch):
+    monkeypatch.setattr(hostenv, "cpu_backend_expected", lambda: True)
+    config = ml_collections.ConfigDict({"run": {"num_cpu_devices": 2, "cpu_kernels": False}, "batch_size": 8})
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3 "
+                                    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=7")
+    hostenv.prepare(config)  # the device count is in XLA_FLAGS: jax's own setting is left alone
+    assert hostenv.os.environ["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=3 --xla_cpu_collective_call_warn_stuck_timeout_seconds=7"
+        " --xla_cpu_collective_call_terminate_timeout_seconds=3600")
+    monkeypatch.setattr(hostenv, "cpu_backend_expected", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    hostenv.prepare(config)  # an accelerator host: nothing changes
+    assert hostenv.os.environ["XLA_FLAGS"] == ""

@@ -66,6 +66,23 @@ def reexec_with_hugepages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
+# XLA:CPU's in-process collectives (host devices) abort the whole process when a participant has waited this
+# long for the others (jaxlib 0.10.2: a warning after 20 s, the abort after 40 s). Host devices share the
+# cores, so on a loaded machine a participant can wait about as long as the others take for a step. Set far
+# above any step on CPU, so that only a real deadlock still ends the run (docs/cpu_collectives.md); the
+# warning stays early enough to show where a long wait began.
+COLLECTIVE_TIMEOUTS_S = {
+    "xla_cpu_collective_call_warn_stuck_timeout_seconds": 120,
+    "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
+}
+
+
+def with_collective_timeouts(xla_flags: str) -> str:
+    """``xla_flags`` (an XLA_FLAGS value) plus each of `COLLECTIVE_TIMEOUTS_S` it does not already set."""
+    added = [f"--{name}={seconds}" for name, seconds in COLLECTIVE_TIMEOUTS_S.items() if name not in xla_flags]
+    return " ".join([xla_flags.strip(), *added]).strip()
+
+
 # Packages whose presence means jax will run on an accelerator (TPU, NVIDIA or AMD GPUs).
 _ACCELERATOR_PLUGINS = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin")
 
@@ -96,13 +113,16 @@ def host_device_count(requested: int, batch_size: int) -> int:
 def prepare(config: ml_collections.ConfigDict, *, reexec: bool = False) -> None:
     """Call before jax initialises its backends. On a CPU-only host: with `reexec` (training, and the benchmark
     that times its step) and `config.run.cpu_kernels`, re-executes with huge pages (returns only if nothing
-    changes), then sets the number of host devices (`host_device_count`) unless XLA_FLAGS already sets one.
-    Elsewhere does nothing."""
+    changes); raises the collectives' timeouts (`with_collective_timeouts`, unless XLA_FLAGS sets them); then
+    sets the number of host devices (`host_device_count`) unless XLA_FLAGS already sets one. Elsewhere does
+    nothing."""
     if not cpu_backend_expected():
         return
     count = host_device_count(config.run.num_cpu_devices, config.batch_size)
     if reexec and config.run.cpu_kernels:
         reexec_with_hugepages()
+    # XLA reads XLA_FLAGS when the first backend starts, so this holds even after `import jax`.
+    os.environ["XLA_FLAGS"] = with_collective_timeouts(os.environ.get("XLA_FLAGS", ""))
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         import jax  # pylint: disable=g-import-not-at-top
 

@@ -209,11 +209,13 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
 def time_training_loop(step_fn: Callable, state: train.TrainState, batches: Iterator[dict[str, jax.Array]],
                        batch_size: int, steps: int) -> tuple[float, train.TrainState]:
     """Global img/s of ``steps`` consecutive train steps fed by ``batches``, merging the metrics as the training
-    loop does (steps dispatched ahead, one wait at the end); returns it with the new state."""
-    merged = None
+    loop does (steps dispatched at most `mesh.RUN_AHEAD_DEPTH` ahead, one wait at the end); returns it with the
+    new state."""
+    merged, run_ahead = None, mesh_lib.RunAheadBound()
     start = time.perf_counter()
     for _ in range(steps):
         state, m = step_fn(state, next(batches))
+        run_ahead.add(m)
         merged = m if merged is None else merged.merge(m)
     jax.block_until_ready((state, merged))
     return steps * batch_size / (time.perf_counter() - start), state
