@@ -13,6 +13,8 @@
 `--dry_run` prints every command (gcloud and local) instead of running it. Every subcommand takes the ssh
 options `--internal_ip`, `--tunnel_through_iap` and `--ssh_flag=...` (repeatable; passed to ssh only).
 
+* Every subcommand refuses an accelerator type of a size its generation does not come in (e.g. v4-9); a type
+  of another generation needs `--num_workers` and `--version`.
 * `create` picks the runtime image of the TPU generation (`runtime_version`; `--version` overrides it).
   `--queued` asks for the slice through a queued resource and waits until it is ACTIVE (`delete --queued`
   deletes both); `--spot` makes it a Spot slice.
@@ -21,7 +23,10 @@ options `--internal_ip`, `--tunnel_through_iap` and `--ssh_flag=...` (repeatable
   not be shipped; `--allow_dirty` ships the working tree as it is instead (untracked files included,
   ignored ones not). It installs uv and a Python 3.11 virtual environment once, then syncs
   requirements.txt plus `jax[tpu]` at the pinned jax version; rerunning it only updates the code and
-  packages. It refuses while a job runs (the TPU would be busy): `stop` first.
+  packages. It refuses while a job runs (the TPU would be busy): `stop` first, and it replaces the code
+  directory only while that holds nothing but what setup shipped there (a workdir written inside it stops it).
+* `train`, `sweep` and `all` first check, on this machine, the config file (relative to the repository root),
+  its `--config.` overrides and the workdir (gs://, or an absolute path on a one-worker VM that is kept).
 * `train` and `sweep` first stop whatever job still runs, then start the command on every worker, detached
   from ssh (`setsid nohup`, its own process group): a dropped connection does not end it. Each worker logs
   to ~/nin_logs/<job>.log and copies that log to <workdir>/logs/<job>.worker<i>.log every 5 minutes and
@@ -47,7 +52,12 @@ from typing import Callable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from absl import flags
+from ml_collections import config_flags
+
+from nin_jax import config as config_lib
 from nin_jax.config import ConfigError
+from nin_jax.runtime import cli
 from nin_jax.tools import sweeps
 
 # Remote paths are relative to the home directory, where ssh commands start and scp paths are resolved.
@@ -55,6 +65,7 @@ REMOTE_DIR = "nin_jax"
 REMOTE_VENV = "nin_venv"
 REMOTE_LOGS = "nin_logs"
 REMOTE_TARBALL = "nin_jax.tar.gz"
+SHIPPED_LIST = ".shipped_by_setup"  # in REMOTE_DIR: the files setup put there, one a line
 # Hosts of a slice per accelerator family: TensorCores per host for v2/v3/v4/v5p (the name counts cores),
 # chips per host for v5e/v6e (the name counts chips; up to 8 chips are one host).
 _CORES_PER_HOST = {"v2": 8, "v3": 8, "v4": 8, "v5p": 8}
@@ -82,14 +93,54 @@ _LOG_COPY_SECONDS = 300
 _QUEUED_FAILED = ("FAILED", "SUSPENDED", "SUSPENDING")
 
 
-def _family(accelerator_type: str) -> tuple[str, int]:
+# The sizes each generation comes in; the number in the type counts TensorCores on v2, v3, v4 and v5p (2 per
+# chip) and chips on v5e and v6e. From the Cloud TPU docs (cloud.google.com/tpu/docs/):
+# * v2 (docs/v2): v2-8, v2-32, v2-128, v2-256, v2-512 (a pod: 256 chips, 512 TensorCores).
+# * v3 (docs/v3): v3-8, v3-32, v3-64 ... v3-2048 (a pod: 1024 chips).
+# * v4 and v5p (docs/types-topologies, docs/v4, docs/v5p): a 3D topology AxBxC whose sides are all <= 4 or all
+#   multiples of 4, in whole hosts of 4 chips: 4, 8, 16 or 32 chips (2x2x1 to 2x4x4) or whole 4x4x4 cubes
+#   (a multiple of 64 chips), up to the largest slice: a v4 pod of 4096 chips, v5p's 16x16x24 (6144 chips).
+# * v5e (v5litepod, docs/v5e) and v6e (docs/v6e): the 2D topologies 1x1, 2x2, 2x4, 4x4, 4x8, 8x8, 8x16, 16x16.
+_LISTED_SIZES = {"v2": (8, 32, 128, 256, 512), "v3": (8, 32, 64, 128, 256, 512, 1024, 2048),
+                 "v5litepod": (1, 4, 8, 16, 32, 64, 128, 256), "v6e": (1, 4, 8, 16, 32, 64, 128, 256)}
+_CUBE_CHIPS = 64
+_LARGEST_CHIPS = {"v4": 4096, "v5p": 6144}
+
+
+def _size_ok(family: str, n: int) -> bool:
+    if family in _LISTED_SIZES:
+        return n in _LISTED_SIZES[family]
+    chips, odd = divmod(n, 2)
+    return not odd and (chips in (4, 8, 16, 32) or (chips % _CUBE_CHIPS == 0 and chips <= _LARGEST_CHIPS[family]))
+
+
+def _sizes(family: str) -> str:
+    """The valid sizes of `family` in words, for error messages."""
+    if family in _LISTED_SIZES:
+        unit = "chips" if family in _CHIPS_PER_HOST else "TensorCores"
+        return f"{', '.join(f'{family}-{n}' for n in _LISTED_SIZES[family])} ({unit})"
+    return (f"{family}-8, {family}-16, {family}-32, {family}-64, or a multiple of {2 * _CUBE_CHIPS} up to "
+            f"{family}-{2 * _LARGEST_CHIPS[family]} (TensorCores, 2 per chip)")
+
+
+def _known_family(accelerator_type: str) -> re.Match | None:
+    """The match (family, size) of a type of a generation this launcher knows, else None."""
     m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator_type)
-    if not m or m[1] not in RUNTIME_VERSIONS:
+    return m if m and m[1] in RUNTIME_VERSIONS else None
+
+
+def _family(accelerator_type: str) -> tuple[str, int]:
+    m = _known_family(accelerator_type)
+    if m is None:
         raise ConfigError(
             f"--accelerator_type={accelerator_type!r} is not a known TPU type (e.g. v4-16, v5p-32, v5litepod-16, "
             "v6e-8); pass --num_workers and --version for other types."
         )
-    return m[1], int(m[2])
+    family, n = m[1], int(m[2])
+    if not _size_ok(family, n):
+        raise ConfigError(f"--accelerator_type={accelerator_type}: {family} slices come as {_sizes(family)}; pick "
+                          "one of those (see `gcloud compute tpus accelerator-types list --zone=ZONE`).")
+    return family, n
 
 
 def num_workers(accelerator_type: str) -> int:
@@ -98,6 +149,20 @@ def num_workers(accelerator_type: str) -> int:
     if family in _CORES_PER_HOST:
         return max(1, n // _CORES_PER_HOST[family])
     return 1 if n <= 8 else n // _CHIPS_PER_HOST[family]
+
+
+def slice_workers(accelerator_type: str, requested: int | None, version: str | None) -> int:
+    """The workers of the slice: from a known type (`requested` must agree), or `requested` for another type,
+    which also needs its runtime `version`."""
+    if requested is not None and requested < 1:
+        raise ConfigError(f"--num_workers={requested} must be >= 1 (the hosts of the slice).")
+    if _known_family(accelerator_type) is None and requested is not None and version is not None:
+        return requested
+    workers = num_workers(accelerator_type)
+    if requested is not None and requested != workers:
+        raise ConfigError(f"--num_workers={requested} contradicts --accelerator_type={accelerator_type}, a slice of "
+                          f"{workers} worker(s); leave --num_workers out.")
+    return workers
 
 
 def runtime_version(accelerator_type: str) -> str:
@@ -194,8 +259,31 @@ def _refuse_if_running() -> str:
             "first\" >&2; exit 1; }; done; true; }")
 
 
+def _refuse_unshipped_files() -> str:
+    """Shell: fail if the code directory holds anything setup did not ship there (a workdir, data, outputs),
+    which replacing the code would delete. Setup lists what it ships in the directory's `SHIPPED_LIST`."""
+    unshipped = (f"cd {REMOTE_DIR} && find . -name __pycache__ -prune -o ! -type d ! -path ./{SHIPPED_LIST} -print "
+                 f"| LC_ALL=C sort | LC_ALL=C comm -23 - {SHIPPED_LIST}")
+    return "\n".join([
+        "{",
+        f"if [ -e {REMOTE_DIR} ] && [ ! -f {REMOTE_DIR}/{SHIPPED_LIST} ]; then",
+        f"  echo \"error: ~/{REMOTE_DIR} on $(hostname) was not made by this setup, which would replace it; check "
+        f"that it holds nothing you need, remove it (rm -rf ~/{REMOTE_DIR} on every worker), then rerun setup\" >&2; "
+        "exit 1",
+        "fi",
+        f"extra=$([ ! -e {REMOTE_DIR} ] || ({unshipped}))",
+        "if [ -n \"$extra\" ]; then",
+        f"  echo \"error: ~/{REMOTE_DIR} on $(hostname) holds $(echo \"$extra\" | wc -l) file(s) setup did not ship, "
+        f"which replacing the code would delete (first: $(echo \"$extra\" | head -n 3 | paste -sd ' ' -)); move them "
+        f"out of ~/{REMOTE_DIR} (a workdir belongs on gs://), then rerun setup\" >&2; exit 1",
+        "fi",
+        "}",
+    ])
+
+
 def setup_commands(vm: VM, tarball: str, tree: str, python: str = "3.11") -> list[list[str]]:
-    """Pack `tree`, copy it to every worker, unpack it and sync the pinned environment (idempotent)."""
+    """Pack `tree`, copy it to every worker, unpack it and sync the pinned environment (idempotent). The code
+    directory is replaced only while it holds nothing but what an earlier setup shipped."""
     jax_tpu = f"jax[tpu]=={_pinned_jax_version()}"
     uv = "$HOME/.local/bin/uv"
     staged = f"{REMOTE_DIR}.new"
@@ -203,7 +291,10 @@ def setup_commands(vm: VM, tarball: str, tree: str, python: str = "3.11") -> lis
         "set -e",
         f"mkdir -p {REMOTE_LOGS}",
         _refuse_if_running(),
+        _refuse_unshipped_files(),
         f"rm -rf {staged} && mkdir {staged} && tar -xzf {REMOTE_TARBALL} -C {staged}",
+        f"(cd {staged} && find . ! -type d | LC_ALL=C sort > ../{REMOTE_DIR}.shipped) && "
+        f"mv {REMOTE_DIR}.shipped {staged}/{SHIPPED_LIST}",
         f"rm -rf {REMOTE_DIR} && mv {staged} {REMOTE_DIR}",
         f"(test -x {uv} || curl -LsSf https://astral.sh/uv/install.sh | sh)",
         f"(test -x {REMOTE_VENV}/bin/python || {uv} venv --python {shlex.quote(python)} {REMOTE_VENV})",
@@ -295,12 +386,57 @@ def remote_job(job: str, argv: Sequence[str], log_dir: str, *, background: bool,
     ])
 
 
-def _check_shared_path(vm: VM, flag: str, path: str) -> None:
-    if vm.workers > 1 and not path.startswith("gs://"):
+def check_job_path(vm: VM, flag: str, path: str, *, vm_deleted: bool = False) -> None:
+    """The workdir (or sweep root) must outlive what happens to the VM's disk: gs:// always works; an absolute
+    path on the VM only for one worker, and only when the VM is not deleted after the job."""
+    if path.startswith("gs://"):
+        return
+    if not path.startswith("/"):
+        raise ConfigError(
+            f"{flag}={path} is not absolute: on the workers it would resolve inside the code checkout ~/{REMOTE_DIR}, "
+            f"which setup replaces; use a gs:// path (e.g. {flag}=gs://BUCKET/nin/run1) or an absolute one.")
+    if vm.workers > 1:
         raise ConfigError(
             f"{flag}={path}: the {vm.workers} workers of {vm.accelerator_type} must share the checkpoint "
-            f"directory; use a gs:// path (e.g. {flag}=gs://BUCKET/nin/run1)."
-        )
+            f"directory; use a gs:// path (e.g. {flag}=gs://BUCKET/nin/run1).")
+    if vm_deleted:
+        raise ConfigError(
+            f"{flag}={path} is on the VM's disk, which `all` deletes with the VM after the job (checkpoints and "
+            f"results with it); use a gs:// path (e.g. {flag}=gs://BUCKET/nin/run1), or pass --keep_vm.")
+
+
+def _flag_error(e: flags.Error, local: str, given: str) -> str:
+    """absl's message for a bad `--config` flag as one line, as nin_jax/runtime/cli.py reports it; a config file
+    that raised has its traceback appended, whose last line is the error."""
+    lines = [line.strip() for line in str(e).replace(local, given).splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+
+
+def check_config(config: str, overrides: Sequence[str]) -> None:
+    """Loads `config` (`path[:arg]`, relative to the repository root) from this checkout, applies `overrides`
+    and validates the result, as `nin_jax.main` will on the workers; `ConfigError` with its one-line message."""
+    path, sep, arg = config.partition(":")
+    local = os.path.normpath(os.path.join(REPO_ROOT, path))
+    if os.path.isabs(path) or path.startswith("~") or not local.startswith(REPO_ROOT + os.sep):
+        raise ConfigError(f"--config={config}: the workers run in the shipped checkout, so pass a config file of "
+                          "this repository, relative to its root, e.g. --config=configs/cifar10.py.")
+    if not os.path.isfile(local):
+        raise ConfigError(f"--config={config}: {path} does not exist in {REPO_ROOT} (the checkout setup ships); pass "
+                          "a config file such as configs/cifar10.py.")
+    argv = ["nin_jax.main", f"--config={local}{sep}{arg}", *overrides]
+    values = flags.FlagValues()
+    # sys_argv: config_flags defines a flag for each `--config.` override it finds there.
+    config_flags.DEFINE_config_file("config", None, "the training config", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    try:
+        values(argv)
+        loaded = values.config
+    except flags.Error as e:
+        raise ConfigError(_flag_error(e, local, path)) from None
+    except (KeyError, AttributeError, TypeError, ValueError) as e:  # config_flags' errors for a wrong field
+        hint = cli._unknown_override(argv)  # pylint: disable=protected-access  (the training command's hint)
+        raise ConfigError(hint or f"the --config flags could not be applied ({type(e).__name__}: {e}).") from None
+    config_lib.validate(loaded)
 
 
 def train_argv(config: str, workdir: str, overrides: Sequence[str]) -> list[str]:
@@ -308,7 +444,9 @@ def train_argv(config: str, workdir: str, overrides: Sequence[str]) -> list[str]
 
 
 def sweep_argv(sweep: str, root: str, config: str, overrides: Sequence[str], points: str = "") -> list[str]:
-    sweeps.get_sweep(sweep)  # an unknown name fails here, before any VM time is spent
+    # The sweep, its points and the override keys are checked here, before any VM time is spent.
+    sweeps.plan(sweep, root, os.path.join(REPO_ROOT, config), sweeps.parse_overrides(
+        [a.removeprefix("--") for a in overrides]), [p.strip() for p in points.split(",") if p.strip()])
     return ["python", "launch/sweep.py", f"--sweep={sweep}", f"--root={root}",
             f"--config={config}", *overrides, *([f"--points={points}"] if points else [])]
 
@@ -433,7 +571,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     args, rest = _parser().parse_known_args(argv)
     try:
         overrides = _overrides(rest)
-        workers = args.num_workers or num_workers(args.accelerator_type)
+        workers = slice_workers(args.accelerator_type, args.num_workers, args.version)
         ssh_options = tuple(f for f, on in (("--internal-ip", args.internal_ip),
                                              ("--tunnel-through-iap", args.tunnel_through_iap)) if on)
         vm = VM(args.name, args.zone, args.accelerator_type, args.version or runtime_version(args.accelerator_type),
@@ -444,16 +582,19 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         def job(background: bool) -> tuple[str, str]:
             """(job name, remote command) of a train or sweep subcommand, validated before anything runs."""
             grace = getattr(args, "grace_seconds", 60)
+            vm_deleted = args.command == "all" and not args.keep_vm
             if args.command == "sweep" or getattr(args, "sweep", None):
                 if not args.root:
                     raise ConfigError("--root is required with --sweep (a gs:// sweep root).")
-                _check_shared_path(vm, "--root", args.root)
+                check_job_path(vm, "--root", args.root, vm_deleted=vm_deleted)
+                check_config(args.config, overrides)
                 name = f"sweep-{args.sweep}"
                 argv_ = sweep_argv(args.sweep, args.root, args.config, overrides, args.points)
                 return name, remote_job(name, argv_, args.root, background=background, grace_seconds=grace)
             if not args.config or not args.workdir:
                 raise ConfigError("--config and --workdir are required to train.")
-            _check_shared_path(vm, "--workdir", args.workdir)
+            check_job_path(vm, "--workdir", args.workdir, vm_deleted=vm_deleted)
+            check_config(args.config, overrides)
             argv_ = train_argv(args.config, args.workdir, overrides)
             return "train", remote_job("train", argv_, args.workdir, background=background, grace_seconds=grace)
 

@@ -187,6 +187,15 @@ def fake_gcloud_calls(root: str | os.PathLike) -> list[list[str]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def launcher_repo(path: str | os.PathLike, files: dict[str, str] | None = None) -> str:
+    """A committed repository for launch/tpu_vm.py to ship: requirements.txt, this repository's configs/ (the
+    launcher loads them to check --config flags) and `files`; returns its path."""
+    import pathlib
+
+    configs = {f"configs/{p.name}": p.read_text() for p in (pathlib.Path(REPO) / "configs").glob("*.py")}
+    return make_git_repo(path, {"requirements.txt": "jax==0.10.2\n", **configs, **(files or {})})
+
+
 def make_git_repo(path: str | os.PathLike, files: dict[str, str]) -> str:
     """A git repository at `path` with `files` committed; returns its path."""
     import pathlib

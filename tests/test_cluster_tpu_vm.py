@@ -20,8 +20,7 @@ CONFIG = ["--config=configs/digits.py", "--workdir=gs://bkt/run1", "--config.num
 def fake(tmp_path, monkeypatch):
     """(fake TPU root, a function running `tpu_vm.main` on a VM of the given accelerator type)."""
     root = tmp_path / "tpu"
-    repo = launch_helpers.make_git_repo(tmp_path / "repo", {"requirements.txt": "jax==0.10.2\n",
-                                                            "nin_jax/__init__.py": ""})
+    repo = launch_helpers.launcher_repo(tmp_path / "repo", {"nin_jax/__init__.py": ""})
     monkeypatch.setattr(tpu_vm, "REPO_ROOT", repo)
     for key, value in launch_helpers.install_fake_tpu(root, workers=1).items():
         monkeypatch.setenv(key, value)
@@ -157,3 +156,35 @@ def test_setup_refuses_while_a_job_runs(fake, capfd):
     assert launch("setup", "v4-8") == 1
     assert "error: job train still runs on" in capfd.readouterr().err
     assert launch("stop", "v4-8") == 0 and launch("setup", "v4-8") == 0
+
+
+def test_setup_replaces_the_code_but_keeps_what_it_did_not_ship(fake, capfd):
+    root, launch = fake
+    assert launch("create", "v4-8") == 0 and launch("setup", "v4-8") == 0
+    code = root / "workers" / "w0" / "nin_jax"
+    (code / "nin_jax" / "__pycache__").mkdir()
+    (code / "nin_jax" / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"")  # Python's own: replaced
+    checkpoint = code / "runs" / "x" / "checkpoints" / "6" / "state"  # e.g. a run with --workdir=runs/x
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("weights")
+    capfd.readouterr()
+    assert launch("setup", "v4-8") == 1
+    err = capfd.readouterr().err
+    assert ("holds 1 file(s) setup did not ship, which replacing the code would delete (first: "
+            "./runs/x/checkpoints/6/state); move them out of ~/nin_jax (a workdir belongs on gs://), then rerun "
+            "setup") in err, err
+    assert checkpoint.read_text() == "weights"
+    checkpoint.unlink()
+    assert launch("setup", "v4-8") == 0
+
+
+def test_setup_does_not_replace_a_code_directory_it_did_not_make(fake, capfd):
+    root, launch = fake
+    assert launch("create", "v4-8") == 0
+    notes = root / "workers" / "w0" / "nin_jax" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("results")
+    assert launch("setup", "v4-8") == 1
+    assert ("was not made by this setup, which would replace it; check that it holds nothing you need, remove it "
+            "(rm -rf ~/nin_jax on every worker), then rerun setup") in capfd.readouterr().err
+    assert notes.read_text() == "results"

@@ -24,7 +24,7 @@ TARBALL = os.path.join(tempfile.gettempdir(), "nin_jax-nin-a.tar.gz")
 
 @pytest.fixture(autouse=True)
 def committed_repo(tmp_path, monkeypatch):
-    repo = launch_helpers.make_git_repo(tmp_path / "repo", {"requirements.txt": "jax==0.10.2\n"})
+    repo = launch_helpers.launcher_repo(tmp_path / "repo")
     monkeypatch.setattr(tpu_vm, "REPO_ROOT", repo)
     return repo
 
@@ -147,3 +147,79 @@ def test_bad_input(argv, message, capsys):
     assert message in capsys.readouterr().err and lines == []  # nothing printed or run
     with pytest.raises(ValueError, match="not a known TPU type"):
         tpu_vm.num_workers("tpu-16")
+
+
+@pytest.mark.parametrize("accel", ["v2-64", "v3-16", "v4-9", "v4-12", "v4-96", "v4-16384", "v5p-96", "v5p-12416",
+                                   "v5litepod-2", "v5litepod-12", "v6e-2", "v6e-512"])
+def test_a_size_the_generation_does_not_come_in_is_refused(accel, capsys):
+    lines = []
+    assert tpu_vm.main(["create", *VM_ARGS, f"--accelerator_type={accel}"], out=lines.append) == 2
+    family = accel.rpartition("-")[0]
+    assert f"error: --accelerator_type={accel}: {family} slices come as {family}-" in capsys.readouterr().err
+    assert lines == []  # no VM created
+
+
+@pytest.mark.parametrize("accel,workers", [("v2-512", 64), ("v3-2048", 256), ("v4-384", 48), ("v4-4096", 512),
+                                           ("v5p-32", 4), ("v5p-12288", 1536), ("v5litepod-1", 1),
+                                           ("v5litepod-256", 64), ("v6e-4", 1), ("v6e-256", 64)])
+def test_the_sizes_of_each_generation(accel, workers):
+    assert tpu_vm.num_workers(accel) == workers
+
+
+def test_num_workers_must_agree_with_a_known_type(capsys):
+    assert tpu_vm.main(["create", *VM_ARGS, "--num_workers=1"], out=[].append) == 2
+    assert "--num_workers=1 contradicts --accelerator_type=v4-16, a slice of 2 worker(s)" in capsys.readouterr().err
+    # A type this launcher does not know is taken as given, with its workers and runtime.
+    (create,) = dry_run("create", *VM_ARGS, "--accelerator_type=v7x-16", "--num_workers=2", "--version=v2-alpha-x")
+    assert "--accelerator-type=v7x-16" in create and "--version=v2-alpha-x" in create
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--workdir=runs/x"], "--workdir=runs/x is not absolute: on the workers it would resolve inside the "
+                                    "code checkout ~/nin_jax, which setup replaces"),
+    (["train", "--workdir=~/runs/x"], "--workdir=~/runs/x is not absolute"),
+    (["sweep", "--sweep=gap_vs_fc", "--root=sweeps"], "--root=sweeps is not absolute"),
+    (["all", "--workdir=/data/run"], "--workdir=/data/run is on the VM's disk, which `all` deletes with the VM"),
+    (["all", "--sweep=gap_vs_fc", "--root=/data/sweeps"], "--root=/data/sweeps is on the VM's disk"),
+])
+def test_a_workdir_that_would_not_outlive_the_code_or_the_vm_is_refused(argv, message, capsys):
+    lines = []
+    argv = [argv[0], *VM_ARGS, "--accelerator_type=v4-8", "--config=configs/digits.py", *argv[1:]]
+    assert tpu_vm.main(argv, out=lines.append) == 2
+    assert message in capsys.readouterr().err and lines == []  # nothing created or started
+
+
+def test_an_absolute_workdir_on_a_one_worker_vm_that_stays():
+    dry_run("train", *VM_ARGS, "--accelerator_type=v4-8", "--config=configs/digits.py", "--workdir=/data/run")
+    cmds = dry_run("all", *VM_ARGS, "--accelerator_type=v4-8", "--config=configs/digits.py", "--workdir=/data/run",
+                   "--keep_vm")
+    assert "delete" not in cmds[-1]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config=configs/nope.py"], "--config=configs/nope.py: configs/nope.py does not exist in"),
+    (["--config=../configs/digits.py"], "pass a config file of this repository, relative to its root"),
+    (["--config=configs/imagenet.py:fast"], "configs/imagenet.py:fast is unknown"),
+    (["--config=configs/digits.py", "--config.model.hed=fc"],
+     "--config.model.hed=fc: config.model has no field 'hed'; did you mean config.model.head?"),
+    (["--config=configs/digits.py", "--config.log_every_steps=5"],
+     "--config.log_every_steps=5: config.log_every_steps is now config.run.log_every_steps"),
+    (["--config=configs/digits.py", "--config.num_train_steps=abc"], "flag --config.num_train_steps=abc: invalid"),
+    (["--config=configs/digits.py", "--config.optim.learning_rate=-1"],
+     "config.optim.learning_rate=-1.0 must be > 0"),
+    (["--sweep=gap_vs_fc", "--root=gs://b/s", "--config=configs/digits.py", "--config.model.widht=0.5"],
+     "--config.model.widht=0.5: config.model has no field 'widht'; did you mean config.model.width?"),
+    (["--sweep=gap_vs_fc", "--root=gs://b/s", "--config=configs/digits.py", "--points=fc,nope"],
+     "sweep 'gap_vs_fc' has no point 'nope'"),
+])
+def test_the_config_and_its_overrides_are_checked_before_a_vm_is_created(argv, message, capsys):
+    lines = []
+    assert tpu_vm.main(["all", *VM_ARGS, "--workdir=gs://b/r", *argv], out=lines.append) == 2
+    assert message in capsys.readouterr().err and lines == []  # no VM created
+
+
+def test_a_config_file_is_named_by_its_path_in_the_checkout(committed_repo, capsys):
+    absolute = f"{committed_repo}/configs/digits.py"  # exists here, but not on the workers
+    assert tpu_vm.main(["train", *VM_ARGS, f"--config={absolute}", "--workdir=gs://b/r"], out=[].append) == 2
+    assert (f"--config={absolute}: the workers run in the shipped checkout, so pass a config file of this "
+            "repository, relative to its root, e.g. --config=configs/cifar10.py.") in capsys.readouterr().err
