@@ -4,7 +4,7 @@
         --config=configs/digits.py --workdir=/tmp/nin_mp
 
 Everything after `--` goes to every process unchanged. Each process gets JAX_COORDINATOR_ADDRESS (a free
-localhost port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which `nin_jax.mesh.maybe_initialize_distributed`
+localhost port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which `nin_jax.runtime.cluster.maybe_initialize_distributed`
 passes to `jax.distributed.initialize`; process 0 hosts the coordinator. Together they form one mesh over
 all their devices, exactly as the hosts of a TPU pod do, and train one model on the same global batches.
 

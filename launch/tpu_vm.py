@@ -434,7 +434,7 @@ def check_config(config: str, overrides: Sequence[str]) -> None:
     except flags.Error as e:
         raise ConfigError(_flag_error(e, local, path)) from None
     except (KeyError, AttributeError, TypeError, ValueError) as e:  # config_flags' errors for a wrong field
-        hint = cli._unknown_override(argv)  # pylint: disable=protected-access  (the training command's hint)
+        hint = cli.unknown_override(argv)  # the training command's hint
         raise ConfigError(hint or f"the --config flags could not be applied ({type(e).__name__}: {e}).") from None
     config_lib.validate(loaded)
 

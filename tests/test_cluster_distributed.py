@@ -1,4 +1,4 @@
-"""Joining multi-process jobs: which environments `mesh.maybe_initialize_distributed` recognises, and a real
+"""Joining multi-process jobs: which environments `cluster.maybe_initialize_distributed` recognises, and a real
 `srun --ntasks=2` (emulated on this machine) forming one 2-process job that trains exactly like one process
 with 2 devices."""
 
@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 
-from nin_jax import mesh
+from nin_jax.runtime import cluster
 from nin_jax.config import ConfigError
 import helpers_reliability as h
 
@@ -24,29 +24,29 @@ SLURM_PORT_BASE = 61440  # jax's SLURM coordinator port: SLURM_JOB_ID % 4096 + 6
 
 
 def _jax_cluster_types() -> dict:
-    """jax's cluster detectors by name. Private API, used only to check `mesh.CLUSTER_ENV_VARS` against the
+    """jax's cluster detectors by name. Private API, used only to check `cluster.CLUSTER_ENV_VARS` against the
     installed jax (jax has no public list of them)."""
     from jax._src import clusters
 
     return {c.name: c for c in clusters.ClusterEnv._cluster_types}
 
 
-@pytest.mark.parametrize("name", sorted(mesh.CLUSTER_ENV_VARS))
+@pytest.mark.parametrize("name", sorted(cluster.CLUSTER_ENV_VARS))
 def test_cluster_variables_are_what_the_installed_jax_detects(name, monkeypatch):
     detector = _jax_cluster_types()[name]
-    names = mesh.CLUSTER_ENV_VARS[name]
+    names = cluster.CLUSTER_ENV_VARS[name]
     for var in list(os.environ):
         if var.startswith(("SLURM_", "OMPI_")):
             monkeypatch.delenv(var)
     for var in names:
         monkeypatch.setenv(var, "1")
-    assert detector.is_env_present() and mesh.detected_cluster() == name
+    assert detector.is_env_present() and cluster.detected_cluster() == name
     for var in names:  # each one is needed
         monkeypatch.delenv(var)
-        assert not detector.is_env_present() and mesh.detected_cluster() is None
+        assert not detector.is_env_present() and cluster.detected_cluster() is None
         monkeypatch.setenv(var, "1")
     order = list(_jax_cluster_types())
-    assert sorted(mesh.CLUSTER_ENV_VARS, key=order.index) == list(mesh.CLUSTER_ENV_VARS)  # jax's preference
+    assert sorted(cluster.CLUSTER_ENV_VARS, key=order.index) == list(cluster.CLUSTER_ENV_VARS)  # jax's preference
 
 
 SRUN_2 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
@@ -70,7 +70,7 @@ def test_maybe_initialize_distributed(env, found, call, monkeypatch):
         calls.append((args, kwargs))
 
     monkeypatch.setattr(jax.distributed, "initialize", initialize)
-    assert mesh.maybe_initialize_distributed(env) == found
+    assert cluster.maybe_initialize_distributed(env) == found
     assert calls == ([call] if call else [])
 
 
@@ -81,7 +81,7 @@ def test_maybe_initialize_distributed(env, found, call, monkeypatch):
 ])
 def test_bad_explicit_variables(env, message):
     with pytest.raises(ConfigError, match=message):
-        mesh.maybe_initialize_distributed(env)
+        cluster.maybe_initialize_distributed(env)
 
 
 def _port_is_free(port: int) -> bool:

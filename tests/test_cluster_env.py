@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 
-from nin_jax import mesh
+from nin_jax.runtime import cluster
 from nin_jax.config import ConfigError
 import helpers_reliability as h
 
@@ -41,12 +41,12 @@ def _without(env: dict, *names: str) -> dict:
 def test_a_slurm_job_of_several_tasks_needs_every_variable_srun_sets(env, missing, jax_calls):
     with pytest.raises(ConfigError, match=f"SLURM_NTASKS=2 says this is one of 2 processes, but {missing}, which jax "
                                           "needs to join them; srun sets them"):
-        mesh.maybe_initialize_distributed(env)
+        cluster.maybe_initialize_distributed(env)
     assert jax_calls == []
 
 
 def test_one_slurm_task_runs_alone_without_the_task_variables(jax_calls):
-    assert mesh.maybe_initialize_distributed({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"}) is None
+    assert cluster.maybe_initialize_distributed({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1"}) is None
     assert jax_calls == []
 
 
@@ -55,7 +55,7 @@ def test_open_mpi_5_processes_are_refused(jax_calls):
     env = {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "1"}
     with pytest.raises(ConfigError, match="OMPI_COMM_WORLD_SIZE=4 says this is one of 4 processes, but "
                                           "OMPI_MCA_orte_hnp_uri is not set.*only the mpirun of Open MPI 4 sets it"):
-        mesh.maybe_initialize_distributed(env)
+        cluster.maybe_initialize_distributed(env)
     assert jax_calls == []
 
 
@@ -71,15 +71,15 @@ def test_open_mpi_5_processes_are_refused(jax_calls):
 ])
 def test_bad_variables_are_named(env, message, jax_calls):
     with pytest.raises(ConfigError, match=message):
-        mesh.maybe_initialize_distributed(env)
+        cluster.maybe_initialize_distributed(env)
     assert jax_calls == []
 
 
 @pytest.mark.parametrize("env,timeout", [(EXPLICIT, 300), ({**SRUN, "NIN_JAX_INIT_TIMEOUT": "7"}, 7)])
 def test_jax_gets_a_limit_later_than_the_one_line_error(env, timeout, jax_calls):
-    mesh.maybe_initialize_distributed(env)
+    cluster.maybe_initialize_distributed(env)
     ((_, kwargs),) = jax_calls
-    assert mesh.init_timeout_seconds(env) == timeout
+    assert cluster.init_timeout_seconds(env) == timeout
     assert kwargs["initialization_timeout"] > timeout  # jax's own abort (a C++ stack trace) never comes first
 
 
@@ -100,7 +100,7 @@ def test_process_0_refuses_a_coordinator_port_in_use(kind, busy_port, jax_calls)
            else {**SRUN, "SLURM_PROCID": "0", "JAX_COORDINATOR_PORT": str(busy_port)})
     with pytest.raises(ConfigError, match=f"hosts the job's coordinator on port {busy_port}, which .* cannot bind "
                                           r"\(Address already in use\)"):
-        mesh.maybe_initialize_distributed(env)
+        cluster.maybe_initialize_distributed(env)
     assert jax_calls == []
 
 

@@ -20,7 +20,7 @@ from nin_jax.config import ConfigError
 FLAGS = flags.FLAGS
 
 
-def _unknown_override(argv: list[str]) -> str | None:
+def unknown_override(argv: list[str]) -> str | None:
     """'--config.X.Y=v: ...' for the first override naming a field the config file does not have."""
     path, overrides = None, []
     for arg in argv[1:]:
@@ -70,19 +70,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
         fail(f"--config={path} could not be loaded ({why}); pass a config file such as configs/digits.py.")
     except (KeyError, AttributeError, TypeError, ValueError) as e:  # raised by config_flags for a wrong field
         text = str(e.args[0] if isinstance(e, KeyError) and e.args else e).replace("\n", " ")
-        fail(_unknown_override(argv) or f"the --config flags could not be applied ({type(e).__name__}: {text}).")
+        fail(unknown_override(argv) or f"the --config flags could not be applied ({type(e).__name__}: {text}).")
     return []  # not reached
 
 
 def prepare_process(config: ml_collections.ConfigDict) -> None:
     """What must precede any other use of jax: the CPU's host devices and huge pages (`nin_jax.cpu.hostenv`),
-    then joining a multi-process job (`nin_jax.mesh.maybe_initialize_distributed`)."""
-    from nin_jax import mesh  # pylint: disable=g-import-not-at-top  (imports jax)
+    then joining a multi-process job (`cluster.maybe_initialize_distributed`)."""
     from nin_jax.cpu import hostenv  # pylint: disable=g-import-not-at-top
+    from nin_jax.runtime import cluster  # pylint: disable=g-import-not-at-top  (imports jax)
 
     config_lib.validate(config)
     hostenv.prepare(config, reexec=True)
-    mesh.maybe_initialize_distributed()
+    cluster.maybe_initialize_distributed()
 
 
 def fail(error: Exception | str) -> None:
