@@ -30,7 +30,7 @@ def test_crop_shapes_and_flip():
     np.testing.assert_array_equal(train, again)  # a seed fixes the crop and the flip
     gray, _ = _jpeg(50, 40, mode="L")
     assert decode.decode_crop(gray, "g", 16, 1, rng=None, flip=False, eval_resize=20).shape == (16, 16, 1)
-    assert decode.channels_of(gray, "g") == 1
+    assert decode.read_header(gray, "g").gray
 
 
 def test_reduced_scale_decode_matches_full_scale():

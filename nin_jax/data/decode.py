@@ -6,6 +6,11 @@ Small images (in-memory datasets) are decoded whole with PIL. Large images are d
 (libjpeg-turbo: the same pixels as PIL) at 1/2, 1/4 or 1/8 scale whenever the crop still keeps ``size`` pixels
 and resizes only the crop. Per image this costs about half of PIL's decode + antialiased resize, and both
 calls release the GIL (measurements in docs/input.md).
+
+Both decoders give the same pixels for every image they accept: grayscale is repeated into RGB for a colour
+input, alpha is dropped, and 16-bit samples keep their high byte (``v >> 8``). An image that cannot be used (not
+an image, truncated, a directory, over PIL's decompression-bomb limit, 32-bit or float samples) is a
+`ConfigError` naming it.
 """
 
 from __future__ import annotations
@@ -21,14 +26,39 @@ from PIL import Image
 
 from nin_jax.config import ConfigError
 
-GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes decoded as one channel
+# PIL modes of one-channel images; "I;16*" are 16-bit grayscale (PNG, TIFF).
+GRAY_MODES = ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N")
+# 32-bit integer and float samples have no fixed range, so no rule maps them to 8 bits.
+_UNRANGED_MODES = ("I", "F")
 # Images are decoded one per pool thread or worker process; OpenCV's own threads would only oversubscribe the cores.
 cv2.setNumThreads(1)
 Box = tuple[float, float, float, float]  # (left, top, right, bottom) in pixels of the original image
+# What PIL raises for a file it cannot parse (OSError includes UnidentifiedImageError and truncated files).
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 def decode_error(name: str, error: Exception) -> ConfigError:
+    """The one-line error for an image that cannot be used, naming it and the fix."""
+    if isinstance(error, IsADirectoryError):
+        return ConfigError(f"image {name} is a directory, not an image file.")
+    if isinstance(error, FileNotFoundError):
+        return ConfigError(f"image {name} does not exist.")
+    if isinstance(error, Image.DecompressionBombError):
+        return ConfigError(
+            f"image {name} is too large to decode safely ({str(error).rstrip('.')}); downscale it (a few thousand "
+            "pixels a side is more than any crop needs) or remove it."
+        )
     return ConfigError(f"cannot decode image {name}: {error}. Remove or replace the file.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding pixels."""
+
+    size: tuple[int, int]  # (width, height)
+    gray: bool  # one channel (with or without alpha)
+    wide: bool  # 16 bits per sample: decoded as the high byte of each sample
+    alpha: bool  # an alpha channel, which decoding drops
 
 
 def open_image(encoded: bytes | str) -> Image.Image:
@@ -36,16 +66,39 @@ def open_image(encoded: bytes | str) -> Image.Image:
     return Image.open(encoded if isinstance(encoded, str) else io.BytesIO(encoded))
 
 
-def channels_of(encoded: bytes | str, name: str) -> int:
-    """1 for grayscale images, else 3."""
+def _header_of(image: Image.Image, name: str) -> Header:
+    if image.mode in _UNRANGED_MODES:
+        raise ConfigError(
+            f"image {name} has {'float' if image.mode == 'F' else '32-bit integer'} samples (PIL mode "
+            f"{image.mode!r}), which have no fixed range; convert it to an 8- or 16-bit image."
+        )
+    # 16-bit colour PNGs open as 8-bit modes; their decoder's raw mode ("RGB;16B") tells.
+    wide = image.mode.startswith("I;16") or any(";16" in str(tile.args) for tile in image.tile)
+    return Header(image.size, image.mode in GRAY_MODES, wide, "A" in image.mode or "transparency" in image.info)
+
+
+def read_header(encoded: bytes | str, name: str) -> Header:
+    """The header of an image (bytes or a path); ConfigError naming ``name`` for a file that cannot be used."""
     try:
         with open_image(encoded) as image:
-            return 1 if image.mode in GRAY_MODES else 3
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable / truncated files
+            return _header_of(image, name)
+    except ConfigError:  # a ValueError, already naming the image
+        raise
+    except _PIL_ERRORS as e:
         raise decode_error(name, e) from e
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit samples: 16-bit grayscale keeps the high byte of each sample, as PIL does for 16-bit
+    colour and OpenCV for both (`PIL.Image.convert` would clip every value above 255 to 255)."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+
+
 def to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """uint8 [H, W, channels] of an 8-bit PIL image: grayscale is repeated into RGB, RGB is reduced to luminance,
+    alpha is dropped."""
     array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
     return array[..., None] if channels == 1 else array
 
@@ -65,13 +118,17 @@ def resize_all(images: np.ndarray, size: int | None) -> np.ndarray:
 
 
 def decode_full(encoded: bytes | str, name: str, channels: int, size: int | None) -> np.ndarray:
-    """Decodes a whole image to uint8 HWC, resized to size x size when ``size`` is given."""
+    """Decodes a whole image to uint8 [H, W, channels], resized to size x size when ``size`` is given."""
     try:
         with open_image(encoded) as image:
+            _header_of(image, name)
+            image = _eight_bit(image).convert("RGB" if channels == 3 else "L")
             if size is not None and image.size != (size, size):
-                image = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.BILINEAR)
+                image = image.resize((size, size), Image.BILINEAR)
             return to_array(image, channels)
-    except (OSError, SyntaxError, ValueError) as e:
+    except ConfigError:  # a ValueError, already naming the image
+        raise
+    except _PIL_ERRORS as e:
         raise decode_error(name, e) from e
 
 
@@ -138,9 +195,12 @@ def decode_crop(
             with open(encoded, "rb") as f:
                 encoded = f.read()
         with Image.open(io.BytesIO(encoded)) as header:  # parses the header only
+            _header_of(header, name)
             width, height = header.size
             is_jpeg = header.format == "JPEG"
-    except (OSError, SyntaxError, ValueError) as e:
+    except ConfigError:  # a ValueError, already naming the image
+        raise
+    except _PIL_ERRORS as e:
         raise decode_error(name, e) from e
     box = random_resized_box(width, height, rng) if rng is not None else center_box(width, height, size, eval_resize)
     scale = _dct_scale(width, height, box, size) if is_jpeg else 1

@@ -33,7 +33,6 @@ from nin_jax.data import decode, order, prefetch, preprocessing, sources, transf
 from nin_jax.data import workers as workers_lib
 from nin_jax.data.cache import PROCESS_CACHE, Cache
 
-_DEFAULT_CACHE_DIR = "~/.cache/nin_jax"
 _DEFAULT_LARGE_IMAGE_SIZE = 224
 _STANDARDIZE_FIT_EXAMPLES = 2000  # decoded examples used to fit per-channel stats of a large-image dataset
 _NORMALIZE_CHUNK = 2048  # rows normalised per task when a whole split is normalised
@@ -99,6 +98,7 @@ class _Pending:
 
 @dataclasses.dataclass(frozen=True)
 class _ArraySplit:
+    content: tuple[str, ...]  # fingerprints of the base splits
     bases: tuple[sources.Arrays, ...]
     raw: np.ndarray  # uint8 [M, H, W, C]: the bases concatenated
     labels: np.ndarray  # int32 [M]
@@ -110,9 +110,12 @@ class _ArraySplit:
 
 
 class _InMemory:
+    fit_method = "every image of the split"
+
     def __init__(self, config: ml_collections.ConfigDict, source: sources.Source, cache: Cache):
         self._config, self._source, self._cache = config, source, cache
         self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
+        self._first: tuple[str, str] | None = None  # (field, split) that gave `image_shape`
 
     def open(self, split: str, field: str) -> _ArraySplit:
         selection = sources.select(self._source, split, field)
@@ -123,9 +126,16 @@ class _InMemory:
             raw, labels = bases[0].images, bases[0].labels
         else:
             raw, labels = np.concatenate([b.images for b in bases]), np.concatenate([b.labels for b in bases])
+        shape = tuple(int(d) for d in raw.shape[1:])
         if self.image_shape is None:
-            self.image_shape = tuple(int(d) for d in raw.shape[1:])
-        return _ArraySplit(bases, raw, labels, selection.index)
+            self.image_shape, self._first = shape, (field, split)
+        elif shape != self.image_shape:  # the model is built for the first shape: another one fails inside it
+            raise ConfigError(
+                f"{field}={split!r} gives images of shape {shape} but {self._first[0]}={self._first[1]!r} gives "
+                f"{self.image_shape}; set config.image_size to resize every image to one size"
+            )
+        content = tuple(self._source.fingerprint(b) for b in selection.bases)
+        return _ArraySplit(content, bases, raw, labels, selection.index)
 
     def fit_images(self, split: _ArraySplit) -> np.ndarray:
         return split.raw[split.index]
@@ -177,6 +187,7 @@ class _InMemory:
 
 @dataclasses.dataclass(frozen=True)
 class _ExampleSplit:
+    content: tuple[str, ...]  # fingerprints of the base splits
     examples: tuple[sources.Examples, ...]
     offsets: np.ndarray  # start of each base in their concatenation
     index: np.ndarray  # [N] positions of the split in that concatenation
@@ -204,19 +215,16 @@ class _PerExample:
         # Storage reads run in threads: remote storage (ArrayRecord on gs://) needs many requests in flight.
         self._readers = concurrent.futures.ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="nin_jax-read")
         self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
-        self._channels = 3 if config.dataset == "imagenet2012" else None
-        self.image_shape: tuple[int, int, int] | None = None  # of the first split opened
+        self._channels = source.channels
+        self.image_shape = (self._size, self._size, self._channels)
+        self.fit_method = (f"center crops of up to {_STANDARDIZE_FIT_EXAMPLES} evenly spaced examples, short side "
+                           f"resized to {config.augment.eval_resize}")
 
     def open(self, split: str, field: str) -> _ExampleSplit:
         selection = sources.select(self._source, split, field)
-        opened = _ExampleSplit(tuple(self._source.examples(b) for b in selection.bases), selection.offsets,
-                               selection.index)
-        if self.image_shape is None:
-            if self._channels is None:
-                encoded, _, name = opened.read(0)
-                self._channels = decode.channels_of(encoded, name)
-            self.image_shape = (self._size, self._size, self._channels)
-        return opened
+        return _ExampleSplit(tuple(self._source.fingerprint(b) for b in selection.bases),
+                             tuple(self._source.examples(b) for b in selection.bases), selection.offsets,
+                             selection.index)
 
     def fit_images(self, split: _ExampleSplit) -> np.ndarray:
         # Statistics of center crops of evenly spaced training examples.
@@ -486,7 +494,8 @@ class Pipeline:
             "split": config.train_split,
             "num_examples": len(train),
             "image_shape": list(self._path.image_shape),
-            "data_dir": sources.location(config.run.data_dir),
+            "content": list(train.content),  # the files' sizes and times for image folders: edits refit
+            "fit": self._path.fit_method,
         }
         memo_key = ("normalizer", config.preprocess, json.dumps(fit_key, sort_keys=True),
                     config.zca_filter_bias, config.gcn_scale)
@@ -496,7 +505,8 @@ class Pipeline:
                 config.preprocess,
                 lambda: self._path.fit_images(train),
                 cache_key=fit_key,
-                cache_dirs=[config.run.data_dir, config.run.cache_dir or _DEFAULT_CACHE_DIR],
+                # Never the data folder, unless config.run.cache_dir names it.
+                cache_dirs=[config.run.cache_dir or preprocessing.DEFAULT_CACHE_DIR],
                 zca_filter_bias=config.zca_filter_bias,
                 gcn_scale=config.gcn_scale,
             ),

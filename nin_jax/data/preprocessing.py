@@ -13,7 +13,8 @@ Methods (``config.preprocess``):
   Gaussian (sigma 2) per channel. Both steps are per image, so nothing is fitted.
 
 Fitted statistics (``standardize``, ``gcn_zca``) are computed once on the training split and stored as an
-``.npz`` file keyed by dataset, split, image shape and settings; later runs load the file instead of refitting.
+``.npz`` file in the cache directory, keyed by dataset, split, image shape, settings and the content of the data
+(the caller's fingerprint); later runs load the file instead of refitting.
 `save_normalizer` / `load_normalizer` write and read one normaliser as a file (local or ``gs://``), so a run
 can keep the normaliser it trained with next to its checkpoints.
 """
@@ -39,6 +40,7 @@ PREPROCESS_CHOICES = ("standardize", "gcn_zca", "gcn_lcn", "scale")
 # Methods whose statistics come from the training split (and are cached on disk).
 FITTED = ("standardize", "gcn_zca")
 _CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = "~/.cache/nin_jax"  # where fitted statistics and image-folder headers are kept by default
 
 
 def global_contrast_normalize(x: np.ndarray, scale: float = 55.0, min_divisor: float = 1e-8) -> np.ndarray:
@@ -199,7 +201,7 @@ def _write(path: epath.Path, payload: bytes) -> None:
         path.write_bytes(payload)  # object stores (gs://) publish an object only once it is complete
         return
     os.makedirs(path.parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -210,9 +212,36 @@ def _write(path: epath.Path, payload: bytes) -> None:
         raise
 
 
-def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(path.read_bytes())) as data:
+def _read_npz(payload: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(payload)) as data:
         return {k: data[k] for k in data.files}
+
+
+def cache_read(cache_dirs: Sequence[str | None], name: str) -> bytes | None:
+    """The file ``name`` from the first of ``cache_dirs`` (local or ``gs://``; None entries skipped) holding it."""
+    for directory in cache_dirs:
+        if directory:
+            path = epath.Path(os.path.expanduser(directory) if _is_local(directory) else directory) / name
+            if path.exists():
+                return path.read_bytes()
+    return None
+
+
+def cache_write(cache_dirs: Sequence[str | None], name: str, payload: bytes) -> None:
+    """Writes ``payload`` as ``name`` into the first writable of ``cache_dirs``; a cache that cannot be written is
+    only slower, so failures pass over to the next directory."""
+    for directory in cache_dirs:
+        if not directory:
+            continue
+        if _is_local(directory):
+            directory = os.path.expanduser(directory)
+            if not _local_writable(directory):
+                continue
+        try:
+            _write(epath.Path(directory) / name, payload)
+            return
+        except Exception:  # pylint: disable=broad-except  # e.g. a full disk or a read-only bucket: try the next
+            continue
 
 
 def save_normalizer(normalizer: Normalizer, path: str | os.PathLike) -> None:
@@ -227,7 +256,7 @@ def load_normalizer(path: str | os.PathLike) -> Normalizer:
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no normaliser file {path}")
-    arrays = _read_npz(path)
+    arrays = _read_npz(path.read_bytes())
     stats = {k[len("stats/") :]: v for k, v in arrays.items() if k.startswith("stats/")}
     return Normalizer(str(arrays["method"]), stats, float(arrays["gcn_scale"]))
 
@@ -266,19 +295,9 @@ def fitted_normalizer(
     if method == "gcn_zca":
         key.update(zca_filter_bias=float(zca_filter_bias), gcn_scale=float(gcn_scale))
     name = cache_file_name(method, key)
-    dirs = [os.path.expanduser(d) if _is_local(d) else d for d in cache_dirs if d]
-    for directory in dirs:
-        path = epath.Path(directory) / name
-        if path.exists():
-            return Normalizer(method, _read_npz(path), gcn_scale)
+    cached = cache_read(cache_dirs, name)
+    if cached is not None:
+        return Normalizer(method, _read_npz(cached), gcn_scale)
     stats = _fit(method, fit_images(), zca_filter_bias, gcn_scale)
-    payload = _npz_bytes(stats)
-    for directory in dirs:
-        if _is_local(directory) and not _local_writable(directory):
-            continue
-        try:
-            _write(epath.Path(directory) / name, payload)
-            break
-        except Exception:  # pylint: disable=broad-except  # e.g. a full disk or a read-only bucket: try the next
-            continue
+    cache_write(cache_dirs, name, _npz_bytes(stats))
     return Normalizer(method, stats, gcn_scale)
