@@ -16,7 +16,7 @@ from PIL import Image
 
 from nin_jax import data
 from nin_jax.config import ConfigError
-from nin_jax.data import decode, sources
+from nin_jax.data import decode, folders
 
 
 @pytest.fixture(autouse=True)
@@ -228,7 +228,7 @@ def test_entries_that_are_not_read_are_named_in_one_line(tmp_path, sharding, cap
 def test_the_order_of_a_split_is_tfds_image_folders(tmp_path):
     """Slices such as train[:45000] select the examples they selected when TFDS listed the folder."""
     root = write_image_folder(tmp_path / "folder", {"train": 7, "test": 3}, classes=("b", "a", "c", "d"))
-    listing = sources._list_folder(root)  # pylint: disable=protected-access
+    listing = folders.list_folder(root)
     builder = tfds.folder_dataset.ImageFolder(root)
     for split in ("train", "test"):
         assert list(listing.examples[split].paths) == _listed(root, split)
@@ -307,11 +307,11 @@ def test_headers_are_read_once_per_folder_content(tmp_path, sharding, monkeypatc
     real = decode.read_header
     monkeypatch.setattr(decode, "read_header", lambda *a: read.append(a[1]) or real(*a))
     config = _config(tmp_path, root)
-    sources.ImageFolder(config, data.Cache())
+    folders.ImageFolder(config, data.Cache())
     assert len(read) == 36
-    sources.ImageFolder(config, data.Cache())
+    folders.ImageFolder(config, data.Cache())
     assert len(read) == 36
     changed = _listed(root, "test")[0]
     Image.open(changed).convert("L").save(changed)
-    assert sources.ImageFolder(config, data.Cache()).channels == 3
+    assert folders.ImageFolder(config, data.Cache()).channels == 3
     assert len(read) == 36 + 12  # the test split's headers again

@@ -5,10 +5,10 @@
     batches = pipeline.train_batches(start_step)
 
 Modules: `order` (which examples and augmentation each process reads at each step), `sources` (datasets
-behind one interface), `decode` (PIL decoding and crops), `transforms` (translate + flip), `preprocessing`
-(normalisers, fitted and cached), `cache` (the per-process memo), `workers` (the decode pool of large images),
-`loader` (the Pipeline and its two paths: in memory and per example), `prefetch` (background placement on the
-devices). See docs/input.md.
+behind one interface), `folders` (image folders), `decode` (PIL decoding and crops), `transforms` (translate
++ flip), `preprocessing` (normalisers, fitted and cached), `cache` (the per-process memo), `workers` (the
+decode pool of large images), `loader` (the Pipeline and its two paths: in memory and per example),
+`prefetch` (background placement on the devices). See docs/input.md.
 """
 
 from nin_jax.data.cache import PROCESS_CACHE, Cache
