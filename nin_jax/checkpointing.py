@@ -80,6 +80,18 @@ def _names(path: tuple) -> tuple[str, ...]:
     return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
 
 
+def nonfinite_leaves(tree: Any) -> list[tuple[str, int, int]]:
+    """(path, non-finite count, size) of every floating-point array of `tree` holding a NaN or an infinity."""
+    found = []
+    for path, value in jax.tree_util.tree_leaves_with_path(tree):
+        value = np.asarray(jax.device_get(value))
+        if np.issubdtype(value.dtype, np.inexact):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                found.append(("/".join(_names(path)), bad, int(value.size)))
+    return found
+
+
 def check_step(mngr: ocp.CheckpointManager, step: int, target: Any) -> None:
     """Raises `CorruptCheckpointError` if a file Orbax needs is missing or unparsable, `StructureMismatchError`
     if the saved arrays differ from `target`'s in names or shapes (Orbax would pad or cut them to fit)."""

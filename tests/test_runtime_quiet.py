@@ -73,3 +73,25 @@ def test_unretrieved_tensorstore_errors_of_abandoned_futures_are_not_logged(capl
         asyncio.run(abandon(KeyError("kept")))
     reported = [r.exc_info[1] for r in caplog.records if "exception was never retrieved" in r.getMessage()]
     assert len(reported) == 1 and isinstance(reported[0], KeyError)
+
+
+def test_orbax_reports_of_checkpoint_files_that_vanished_during_a_save_are_not_logged(caplog):
+    """Checkpoints removed under a running training end the run with one line (`workdir.Session`); Orbax's save
+    threads' own reports of the vanished files (a warning and errors with tracebacks) are dropped, and its other
+    errors, and other libraries' reports of a missing file, are kept."""
+    quiet.install()
+    logger, orbax = logging.getLogger("absl"), "/site-packages/orbax/checkpoint/_src/checkpointers/checkpointer.py"
+    vanished = FileNotFoundError(2, "No such file or directory", "/w/checkpoints/8.orbax-checkpoint-tmp/x")
+    records = [
+        (orbax, logging.WARNING, "Metadata file does not exist: /w/checkpoints/8.orbax-checkpoint-tmp/_METADATA", None),
+        (orbax, logging.ERROR, "Failed to run 4 Handler Commit operations in background save thread", vanished),
+        (orbax, logging.ERROR, "Failed to run 4 Handler Commit operations in background save thread", KeyError("kept")),
+        ("/site-packages/other/lib.py", logging.ERROR, "could not open", vanished),
+    ]
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        for path, level, message, error in records:
+            exc_info = (type(error), error, None) if error is not None else None
+            logger.handle(logger.makeRecord("absl", level, path, 1, message, (), exc_info))
+    kept = [(r.pathname, r.exc_info[1] if r.exc_info else None) for r in caplog.records]
+    assert [type(e).__name__ for _, e in kept] == ["KeyError", "FileNotFoundError"]
+    assert kept[1][0] == "/site-packages/other/lib.py"

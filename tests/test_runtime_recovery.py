@@ -4,6 +4,7 @@ step over; read errors are classified by type, and by TensorStore's status codes
 raise them."""
 
 import errno
+import re
 import shutil
 import socket
 
@@ -209,6 +210,24 @@ def test_the_tools_pass_over_a_damaged_latest_step_with_a_warning_and_move_nothi
                                                        r"step is 2: pass --checkpoint=2\.$"):
         recovery.restore(reader, _ABSTRACT, "3")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2", "3"]
+
+
+def test_a_step_of_nonfinite_values_is_refused_by_training_and_the_tools_and_moves_nothing(tmp_path):
+    """It reads intact, and training never saves such a step: it is not damage to pass over, so training and
+    the tools both refuse it, naming it and what to use instead."""
+    mngr = checkpointing.create_manager(tmp_path, keep=3)
+    _save(mngr, 1, 1.0)
+    _save(mngr, 2, float("nan"))
+    bad = re.escape(f"checkpoint {tmp_path / '2'} holds NaN or infinite model variables (w: 4 of 4 values); ")
+    with pytest.raises(recovery.CheckpointError, match=f"^{bad}.*: move {re.escape(str(tmp_path / '2'))} out of "
+                                                       f"{re.escape(str(tmp_path))} to resume from the step before it"):
+        recovery.restore(mngr, _ABSTRACT, move_aside=True)
+    reader = checkpointing.create_manager(tmp_path, keep=3, read_only=True)
+    with pytest.raises(recovery.CheckpointError, match=rf"^{bad}.*pass another saved step, e.g. --checkpoint=1 "
+                                                       r"\(saved: \[1\]\)\.$"):
+        recovery.restore(reader, _ABSTRACT, "latest")
+    assert recovery.restore(reader, _ABSTRACT, "1")[2] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == ["1", "2"]
 
 
 def test_no_readable_step_moves_nothing(tmp_path):

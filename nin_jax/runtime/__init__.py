@@ -7,6 +7,6 @@ Modules: `workdir` (the session: refuses a workdir holding another experiment be
 records the experiment or its extension, turns a full disk into one message naming what is intact), `lock`
 (one training per workdir), `record` (config.json, results.json, committed steps), `recovery` (which
 checkpoint to restore, and what a damaged one costs), `metrics_log` (metrics.jsonl), `preemption` (SIGTERM
-and Ctrl-C), `quiet` (the libraries' noise), `cli` (the command line's flags, process set-up, one-line errors),
-`cluster` (joining a multi-process job).
+and Ctrl-C), `quiet` (the libraries' noise), `remote` (gs:// paths that cannot be reached), `cli` (the command
+line's flags, process set-up, one-line errors), `cluster` (joining a multi-process job).
 """

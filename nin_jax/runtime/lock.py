@@ -188,6 +188,10 @@ class WorkdirLock:
                     self._thread.start()
                     return
             time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # lost a race: the holder changed meanwhile
+        if self.path.exists() and self.read(self.path) is None:  # not a lock being replaced: it stayed unreadable
+            raise WorkdirLocked(f"--workdir={self.path.parent}: {self.path} is not a lock record (not the JSON that "
+                                "training writes there); if no training is running in this workdir, delete it and "
+                                "rerun.")
         raise WorkdirLocked(f"--workdir={self.path.parent}: could not take {self.path}, other runs are starting in "
                             "it at the same time; start one run per workdir.")
 

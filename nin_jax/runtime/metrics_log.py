@@ -9,6 +9,19 @@ from clu.metric_writers import interface
 from etils import epath
 
 
+def read_rows(path: epath.Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (`{"step": s, <name>: value, ...}`), without lines cut short by a crash."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 class JsonlWriter(interface.MetricWriter):
     """One line `{"step": s, <name>: value, ...}` per `write_scalars` call; other kinds of summary are ignored.
 

@@ -16,6 +16,9 @@ _TENSORSTORE_ERROR_MARK = "[tensorstore_spec="  # TensorStore appends the spec o
 _UNRETRIEVED = ("Task exception was never retrieved", "Future exception was never retrieved")
 _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 _NOISY_PATHS = ("/orbax/", "/jax/_src/", "/tensorflow_datasets/")
+# What Orbax's save threads log when files of the save in flight were removed under it (the run then ends with
+# one line naming what changed, `workdir.Session.lost_checkpoints`, or with the traceback of the re-raised error).
+_VANISHED_TEXT = ("No such file or directory", "Metadata file does not exist")
 
 
 def _in_orbax(filename: str) -> bool:
@@ -24,7 +27,8 @@ def _in_orbax(filename: str) -> bool:
 
 class _QuietLibraries(logging.Filter):
     """INFO records of Orbax, JAX and TFDS; warnings about a full disk (the run ends with one line about it);
-    Orbax's warning for a save without metrics (they are attached after the evaluation)."""
+    Orbax's warning for a save without metrics (they are attached after the evaluation); Orbax's reports of
+    checkpoint files that vanished during a save."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -33,6 +37,8 @@ class _QuietLibraries(logging.Filter):
             text = record.getMessage() + str(record.exc_info[1] if record.exc_info else "")
         except Exception:  # noqa: BLE001 — a record with bad arguments is shown as it is
             return True
+        if _in_orbax(record.pathname) and any(t in text for t in _VANISHED_TEXT):
+            return False
         return not any(t in text for t in (*_DISK_FULL_TEXT, "did not provide metrics"))
 
 

@@ -19,6 +19,7 @@ from etils import epath
 
 from nin_jax import config as config_lib
 from nin_jax.config import ConfigError
+from nin_jax.runtime import metrics_log
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # TensorStore reports a full disk as a ValueError with the OS's text (no errno); pinned by
@@ -28,6 +29,10 @@ _DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
 class StorageFullError(OSError):
     """The workdir's storage is full (or over quota); what was committed is intact and the run can resume."""
+
+
+class MissingCheckpointsError(ConfigError):
+    """Checkpoints that the workdir's run had committed are gone (removed by something else than training)."""
 
 
 def exception_chain(error: BaseException, *, implicit: bool = True) -> Iterator[BaseException]:
@@ -48,7 +53,15 @@ def is_disk_full(error: BaseException) -> bool:
 def read_config(workdir: epath.Path) -> ml_collections.ConfigDict | None:
     """The experiment saved in `workdir`'s config.json (None for a new workdir)."""
     path = workdir / "config.json"
-    return config_lib.from_json(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return config_lib.from_json(path.read_text())
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a config's JSON
+        raise ConfigError(
+            f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]}); it records the experiment "
+            "this workdir holds: restore it from a copy (results.json holds one under \"config\"), or use a new "
+            "--workdir.") from e
 
 
 def _describe(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, fields: list[str]) -> str:
@@ -136,6 +149,24 @@ def committed_steps(directory: epath.Path) -> list[int]:
                       if p.name.isdigit() and (local or (p / "commit_success.txt").exists()))
     except OSError:
         return []
+
+
+def recorded_progress(workdir: epath.Path, checkpoint_every_steps: int) -> tuple[str, list[str]] | None:
+    """(what the record says, its files) if the workdir's record proves that a checkpoint had been committed.
+
+    A finished run (results*.json) ended with one. An evaluation logged at or after step
+    `checkpoint_every_steps`, or any step logged after two checkpoint intervals, followed a committed one: an
+    evaluation, like each save, first waits for the save before it to commit.
+    """
+    results = sorted(p.name for p in workdir.glob("results*.json"))
+    if results:
+        return f"{' and '.join(results)} record{'s' if len(results) == 1 else ''} a finished run", results
+    rows = metrics_log.read_rows(workdir / "metrics.jsonl")
+    last = max((row["step"] for row in rows), default=0)
+    evaluated = any(row["step"] >= checkpoint_every_steps and any(k.startswith("eval/") for k in row) for row in rows)
+    if evaluated or last > 2 * checkpoint_every_steps:
+        return f"metrics.jsonl logs training up to step {last}", ["metrics.jsonl"]
+    return None
 
 
 def disk_full_message(error: BaseException, workdir: epath.Path, ckpt_dir: epath.Path) -> str:

@@ -7,7 +7,8 @@ step is passed over for the newest step that reads. Training moves the damaged s
 `<step>.unreadable` (nothing is deleted) so that it can save those step numbers again; the tools only warn.
 A read error that may be *transient* (the storage did not answer) is retried with backoff and then raised:
 it never passes a step over. Arrays of another model (*mismatch*) are refused: no other step would read.
-If no step reads, nothing is moved.
+A step that reads but holds non-finite parameters or BatchNorm statistics is refused as well: training never
+saves one, so it is not damage to pass over. If no step reads, nothing is moved.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest"
 
     `latest` passes over damaged newer steps: with `move_aside` (training) they are renamed to
     `<step>.unreadable`, otherwise `warn` (default: stderr) names them. A damaged `best` or numbered step
-    raises `CheckpointError` naming the newest readable step.
+    raises `CheckpointError` naming the newest readable step; a step of non-finite variables raises it naming
+    the other saved steps.
     """
     if move_aside and not mngr.all_steps():
         return None
@@ -155,6 +157,7 @@ def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest"
                     "written, use the workdir's own config (config.json); otherwise use a new --workdir.") from e
             failures.append((step, short_error(e)))
             continue
+        _check_finite(mngr, step, state, move_aside)
         if step != chosen and str(checkpoint) != "latest":
             path = epath.Path(mngr.directory) / str(chosen)
             raise CheckpointError(f"checkpoint {path} (--checkpoint={checkpoint}) is unreadable ({failures[0][1]}); "
@@ -164,6 +167,30 @@ def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest"
     details = "; ".join(f"step {s}: {r}" for s, r in failures)
     raise CheckpointError(f"no checkpoint in {mngr.directory} can be read ({details}); nothing was moved. Restore a "
                           "good copy of the checkpoints, or use a new --workdir.")
+
+
+def _check_finite(mngr: ocp.CheckpointManager, step: int, state: Any, training: bool) -> None:
+    """Refuses a step whose parameters or BatchNorm statistics hold NaN or infinities.
+
+    Such a step read intact, so it is not damage to pass over: training never saves it, so it was written by
+    another program or by hand, and the caller must choose what to use instead.
+    """
+    variables = {k: getattr(state, k) for k in ("params", "batch_stats") if hasattr(state, k)}
+    bad = checkpointing.nonfinite_leaves(variables or state)
+    if not bad:
+        return
+    path = epath.Path(mngr.directory) / str(step)
+    shown = "; ".join(f"{name}: {n} of {size} values" for name, n, size in bad[:2])
+    more = f"; and {len(bad) - 2} more arrays" if len(bad) > 2 else ""
+    others = [s for s in sorted(mngr.all_steps()) if s != step]
+    if training:
+        fix = f"move {path} out of {mngr.directory} to resume from the step before it, or use a new --workdir."
+    elif others:
+        fix = f"pass another saved step, e.g. --checkpoint={others[-1]} (saved: {others})."
+    else:
+        fix = "no other step is saved; retrain, or restore a good copy of the checkpoints."
+    raise CheckpointError(f"checkpoint {path} holds NaN or infinite model variables ({shown}{more}); training "
+                          f"never saves such a state, so it was written by another program or by hand: {fix}")
 
 
 def _report(mngr: ocp.CheckpointManager, failures: list[tuple[int, str]], step: int, move_aside: bool,

@@ -3,7 +3,9 @@
 The session refuses a workdir holding another experiment before anything is written, holds the workdir's
 lock, records the experiment or its extension, restores the newest readable checkpoint, writes the metrics
 (TensorBoard and metrics.jsonl), watches for SIGTERM and Ctrl-C, keeps the libraries' noise out of the
-output, and turns a full disk into one message naming what is intact.
+output, and turns a full disk into one message naming what is intact. A gs:// location that cannot be
+reached is one line before anything else; checkpoints removed under the run stop it with one line, and a
+rerun refuses to start again from step 0 when the record shows that the run had committed checkpoints.
 """
 
 
@@ -21,7 +23,7 @@ from etils import epath
 
 from nin_jax import checkpointing, config as config_lib
 from nin_jax.config import ConfigError
-from nin_jax.runtime import lock as lock_lib, quiet, record, recovery
+from nin_jax.runtime import lock as lock_lib, quiet, record, recovery, remote
 from nin_jax.runtime.metrics_log import JsonlWriter
 from nin_jax.runtime.preemption import INTERRUPTED_EXIT_CODE, Preempted, PreemptionWatcher
 
@@ -57,6 +59,42 @@ class Session:
             probe.unlink()
         except OSError as e:
             raise ConfigError(f"--workdir={self.workdir} is not writable ({e}); pass a directory you can write to.") from e
+        self._check_checkpoints_kept()
+
+    def _check_checkpoints_kept(self) -> None:
+        """Refuses to start again from step 0 when the record shows that the run had committed checkpoints
+        that are no longer there (restarting would silently replace its progress and its metrics.jsonl)."""
+        ckpt_dir = self.path / "checkpoints"
+        if record.committed_steps(ckpt_dir):
+            return
+        progress = record.recorded_progress(self.path, self.config.run.checkpoint_every_steps)
+        if progress is None:
+            return
+        said, files = progress
+        where = "does not exist" if not ckpt_dir.exists() else "holds no checkpoint"
+        raise record.MissingCheckpointsError(
+            f"{ckpt_dir} {where}, but {said}: the checkpoints of this run were removed, and rerunning would silently "
+            f"start it again from step 0. Restore them into {ckpt_dir} and rerun to resume, or use a new --workdir "
+            f"(or, to train it again from step 0 in this workdir, delete {' and '.join(files)}).")
+
+    def lost_checkpoints(self, error: BaseException) -> str | None:
+        """The one-line account of `error` if it came from checkpoints removed under the running training: the
+        checkpoint directory is gone, steps this run knew committed (all but the newest, which may be the save
+        in flight) are, or a file of the save in flight vanished."""
+        if self.manager is None or isinstance(error, ConfigError):
+            return None
+        ckpt_dir = self.path / "checkpoints"
+        known = sorted(self.manager.all_steps())  # Orbax's own list: it does not re-read the storage
+        gone = [s for s in known[:-1] if s not in record.committed_steps(ckpt_dir)]
+        vanished = next((e.filename for e in record.exception_chain(error) if isinstance(e, FileNotFoundError)
+                         and str(e.filename or "").startswith(f"{ckpt_dir}/")), None)
+        if ckpt_dir.exists() and not gone and vanished is None:
+            return None
+        what = ("it was removed" if not ckpt_dir.exists() else
+                f"steps {gone} that this run had committed are gone" if gone else f"{vanished} vanished during a save")
+        return (f"{ckpt_dir} changed under the running training ({what}), and the run stopped "
+                f"({recovery.short_error(error)}). Restore any removed checkpoints into {ckpt_dir} and rerun the same "
+                "command to resume from the newest one, or use a new --workdir.")
 
     def record(self, steps_per_epoch: int) -> None:
         """Writes config.json at the first start, or records an extension (`extended_from`: the old length)."""
@@ -136,6 +174,9 @@ def session(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Session
     experiment yields a session with `finished` set, without locking or writing anything."""
     config_lib.validate(config)
     quiet.install()
+    remote.check_access(workdir, "--workdir")
+    for field in ("data_dir", "cache_dir"):
+        remote.check_access(config.run.get(field), f"--config.run.{field}")
     run = Session(config, workdir)
     if run.finished is not None:
         yield run
@@ -149,6 +190,9 @@ def session(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Session
     except Exception as e:
         if record.is_disk_full(e):
             raise record.StorageFullError(record.disk_full_message(e, run.path, run.path / "checkpoints")) from e
+        lost = run.lost_checkpoints(e)
+        if lost is not None:
+            raise record.MissingCheckpointsError(lost) from e
         raise
     finally:
         run.release()

@@ -169,8 +169,8 @@ def class_maps(workdir: str, out: str | None, *, num_images: int = 6, split: str
         if not images:
             raise ConfigError("--images: no images given.")
         for image in images:
-            if not isinstance(image, np.ndarray) and not epath.Path(image).exists():
-                raise ConfigError(f"image {image} does not exist.")
+            if not isinstance(image, np.ndarray):
+                restore.check_image_file(image)
     if out is not None:
         restore.check_output_path(out)
     if images is not None:

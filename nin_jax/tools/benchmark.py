@@ -34,12 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from nin_jax import architectures, data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
 from nin_jax.cpu import conv as cpu_conv, hostenv, layers as cpu_layers, winograd
+from nin_jax.runtime import cli, remote
+from nin_jax.tools import restore
 
 # Model input (H, W, C) and classes of the built-in datasets; synthetic batches need no data on disk.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
@@ -185,6 +188,8 @@ def run(config: ml_collections.ConfigDict, *, steps: int = 10, warmup: int = 2, 
     # First, so that a dataset that is not prepared fails before minutes of model benchmarking.
     input_results: dict[str, Any] = {"input/img_per_sec": None}
     pipeline = None
+    if input_batches > 0 or loop_steps > 0 or config.dataset == "image_folder":
+        remote.check_access(config.run.data_dir, "--config.run.data_dir")
     try:
         if input_batches > 0:
             from nin_jax.tools import input_benchmark  # only needed (and only importing TF/TFDS) when asked for
@@ -413,6 +418,16 @@ def format_results(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _peak_sizes(values: Sequence[str]) -> list[int]:
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"--peak_sizes={','.join(values)}: pass matrix sizes >= 1, e.g. 1024,2048.")
+    return sizes
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -423,18 +438,23 @@ def main(argv: Sequence[str]) -> None:
     if _BATCH.value is not None:
         config.batch_size = _BATCH.value
     try:
+        # Every output is checked before minutes of benchmarking could end on a path that cannot be written.
+        if _JSON.value and _JSON.value != "-":
+            restore.check_output_path(_JSON.value, "--json")
+        if _TRACE_DIR.value:
+            restore.check_output_path(_TRACE_DIR.value, "--trace_dir", directory=True)
+        peak_sizes = _peak_sizes(_PEAK_SIZES.value)
         hostenv.prepare(config, reexec=True)  # the step as training runs it
         results = run(config, steps=_STEPS.value, warmup=_WARMUP.value, input_batches=_INPUT_BATCHES.value,
-                      loop_steps=_LOOP_STEPS.value, rounds=_ROUNDS.value,
-                      peak_sizes=[int(s) for s in _PEAK_SIZES.value], trace_dir=_TRACE_DIR.value)
+                      loop_steps=_LOOP_STEPS.value, rounds=_ROUNDS.value, peak_sizes=peak_sizes,
+                      trace_dir=_TRACE_DIR.value)
     except ConfigError as e:
-        raise app.UsageError(str(e)) from e
+        cli.fail(e)
     print(format_results(results), flush=True)
     if _JSON.value == "-":  # one line on stdout, for nin_jax.tools.alternate
         print(json.dumps(results, sort_keys=True), flush=True)
     elif _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(results, f, indent=1, sort_keys=True)
+        epath.Path(_JSON.value).write_text(json.dumps(results, indent=1, sort_keys=True))
 
 
 if __name__ == "__main__":

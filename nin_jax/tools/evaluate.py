@@ -8,6 +8,7 @@ split and prints one JSON line:
 
 An unreadable newest checkpoint is skipped with a one-line warning naming it and the step used instead;
 an unreadable `--checkpoint=best` or step number is a one-line error naming the `--checkpoint=` that reads.
+A checkpoint of non-finite parameters, or metrics that are not finite, are a one-line error, never numbers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nin_jax import data, mesh as mesh_lib, train
 from nin_jax.config import ConfigError
 from nin_jax.data import run_record
 from nin_jax.cpu import hostenv
+from nin_jax.runtime import remote
 from nin_jax.tools import restore
 
 CHECKPOINT_CHOICES = restore.CHECKPOINT_CHOICES
@@ -48,6 +50,7 @@ def restore_for_evaluation(workdir: str, *, checkpoint: str = "latest", arch: st
     config = ml_collections.ConfigDict(config.to_dict())
     config.run.eval_batch_size = _round_up(config.run.eval_batch_size, n)
     config.batch_size = _round_up(config.batch_size, n)
+    remote.check_access(config.run.data_dir, "--data_dir" if data_dir is not None else "config.run.data_dir")
     # The run's saved normaliser: the training split need not exist (runs older than the record refit it).
     record = run_record.load(workdir)
     if record is None:
@@ -78,6 +81,11 @@ def evaluate_checkpoint(workdir: str, split: str | None = None, checkpoint: str 
     batches = eval_batches(pipeline, split)
     p_eval_step = train.make_eval_step(run.model, run.num_classes, run.mesh)
     ev = train.evaluate(p_eval_step, run.state, batches)
+    nonfinite = [k for k in ("eval/loss", "eval/top1", "eval/top5") if not math.isfinite(ev[k])]
+    if nonfinite:  # the variables are finite (checked at restore): the inputs or their normalisation overflow
+        raise ConfigError(f"evaluating {run.checkpoint} gave {', '.join(f'{k}={ev[k]}' for k in nonfinite)}: its "
+                          "variables are finite, so the split's images or the run's normalisation "
+                          f"({run_record.PREPROCESSING_FILE}) give non-finite logits; check them.")
     return {
         "eval/top1": ev["eval/top1"], "eval/top5": ev["eval/top5"], "eval/loss": ev["eval/loss"],
         "num_examples": ev["eval/num_examples"], "step": run.step, "checkpoint": run.checkpoint,

@@ -28,6 +28,7 @@ from ml_collections import config_flags
 from nin_jax import architectures, data, hardware, mesh as mesh_lib, models
 from nin_jax.config import ConfigError
 from nin_jax.cpu import hostenv
+from nin_jax.runtime import cli, remote
 
 
 def _cpu_seconds() -> float:
@@ -64,6 +65,13 @@ def measure_input_throughput(
       ``input/img_per_sec_per_core``, ``input/cpu_ms_per_image``, ``input/first_pass_s`` and its stages ``input/setup_<stage>_s``, plus
       the batch size and counts used.
     """
+    if num_batches < 1:
+        raise ConfigError(f"--num_batches={num_batches} must be >= 1: the rate is images over the time of the "
+                          "timed batches.")
+    if warmup_batches < 0:
+        raise ConfigError(f"warmup_batches={warmup_batches} must be >= 0.")
+    if workers is not None and workers < 0:
+        raise ConfigError(f"--workers={workers} must be >= 0 (0: decode in threads of this process).")
     if cold:
         data.clear_caches()
     sharding = mesh_lib.data_sharding(mesh_lib.create_mesh())
@@ -134,6 +142,10 @@ def accelerator_need(
 
 def run(config: ml_collections.ConfigDict, num_batches: int, *, workers: int | None, device_kind: str,
         mfu: float) -> dict[str, Any]:
+    """`measure_input_throughput` and `accelerator_need`, and the host cores one accelerator needs."""
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu={mfu} must be in (0, 1]: the fraction of the accelerator's peak FLOP/s that "
+                          "training reaches (e.g. 0.4).")
     result: dict[str, Any] = measure_input_throughput(config, num_batches, workers=workers)
     result.update(accelerator_need(config, result["input/image_shape"], result["input/num_classes"], device_kind, mfu))
     needed = result["accelerator/img_per_sec_needed"]
@@ -146,6 +158,7 @@ def run(config: ml_collections.ConfigDict, num_batches: int, *, workers: int | N
 def _report(config: ml_collections.ConfigDict, num_batches: int, as_json: bool, workers: int | None,
             device_kind: str, mfu: float) -> None:
     hostenv.prepare(config)  # the host devices training uses
+    remote.check_access(config.run.data_dir, "--config.run.data_dir")
     r = run(config, num_batches, workers=workers, device_kind=device_kind, mfu=mfu)
     if as_json:
         print(json.dumps(r))
@@ -176,8 +189,16 @@ def main() -> None:
     accelerator = flags.DEFINE_string("accelerator", "TPU v4", "JAX device_kind of the accelerator to feed.")
     mfu = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation the accelerator is assumed to reach.")
     flags.mark_flag_as_required("config")
-    app.run(lambda argv: _report(config.value, num_batches.value, as_json.value, workers.value, accelerator.value,
-                                 mfu.value))
+
+    def report(argv: list[str]) -> None:
+        if len(argv) > 1:
+            cli.fail(f"unexpected arguments {argv[1:]}; pass config fields as --config.FIELD=VALUE.")
+        try:
+            _report(config.value, num_batches.value, as_json.value, workers.value, accelerator.value, mfu.value)
+        except ConfigError as e:
+            cli.fail(e)
+
+    app.run(report)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ def predict_files(workdir: str, images: Sequence[str], *, checkpoint: str = "lat
     if not images:
         raise ConfigError("no images given: pass one or more image paths after the flags.")
     for image in images:  # before the (slower) restore
-        if not epath.Path(image).exists():
-            raise ConfigError(f"image {image} does not exist.")
+        restore.check_image_file(image)
     run = restore.load_run(workdir, checkpoint, data_dir=data_dir)
     probs = run.predict(list(images))
     k = min(top, run.num_classes)

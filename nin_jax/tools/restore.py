@@ -15,7 +15,8 @@ preprocessing.
 
 Reading a checkpoint: `latest` falls back to the newest step that reads (with a one-line warning naming the
 unreadable one); `best` or a step number that cannot be read raises `CheckpointError` naming the exact
-`--checkpoint=` that would work. Nothing in the workdir is modified.
+`--checkpoint=` that would work, and so does a step whose parameters are not finite. Logits that are not
+finite raise `ConfigError` instead of being returned. Nothing in the workdir is modified.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from nin_jax import checkpointing, config as config_lib, data, mesh as mesh_lib, models, train
+from nin_jax import checkpointing, data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import decode, run_record
-from nin_jax.runtime import quiet, recovery
+from nin_jax.runtime import quiet, record, recovery, remote
 
 CHECKPOINT_CHOICES = recovery.CHOICES
 _GRAY_MODES = ("1", "L", "I", "I;16", "F")
@@ -51,13 +52,14 @@ ImageLike = Any  # a path (str / os.PathLike), or a uint8 array [H, W], [H, W, C
 
 def load_saved_config(workdir: str, *, arch: str | None = None) -> ml_collections.ConfigDict:
     """The config.json a training run wrote in `workdir`; with `arch`, checks that it trained that arch."""
+    remote.check_access(workdir, "--workdir")
     path = epath.Path(workdir) / "config.json"
     if not path.exists():
         raise ConfigError(
             f"{path} does not exist: --workdir={workdir} holds no training run "
             "(train first with `python -m nin_jax.main --config=... --workdir=...`)."
         )
-    config = config_lib.from_json(path.read_text())
+    config = record.read_config(epath.Path(workdir))
     if arch is not None and arch != config.model.arch:
         raise ConfigError(
             f"--arch={arch} does not match the checkpoint in {workdir}, which was trained as "
@@ -71,6 +73,7 @@ def check_output_path(path: str, flag: str = "--out", *, directory: bool = False
 
     Called by the command-line tools before any work, so that a long computation never ends on a bad path.
     """
+    remote.check_access(path, flag)
     target = epath.Path(path)
     folder = target if directory else target.parent
     if not directory and target.is_dir():
@@ -107,6 +110,8 @@ def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: 
     if not ckpt_dir.exists():
         raise ConfigError(f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
                           "(train longer, or lower config.run.checkpoint_every_steps).")
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{ckpt_dir} is a file, not the run's checkpoint directory; restore the checkpoints there.")
     quiet.install()
     target = train.abstract_train_state(config, model, tuple(image_shape), None, mesh)
     with recovery.reading_quietly():
@@ -171,6 +176,7 @@ def _preprocessing(workdir: str, config: ml_collections.ConfigDict) -> Preproces
                          devices=jax.local_devices()[:1])
     config = ml_collections.ConfigDict(config.to_dict())
     config.batch_size = config.run.eval_batch_size = max(jax.process_count(), 1)  # no batch is read here
+    remote.check_access(config.run.data_dir, "config.run.data_dir")
     try:
         pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
     except (ValueError, FileNotFoundError) as e:
@@ -205,6 +211,26 @@ def _image_list(images: Any) -> list[Any]:
     return list(images)
 
 
+def check_image_file(image: str | os.PathLike) -> epath.Path:
+    """`image` as a path, or ConfigError unless it names an existing file (not a directory)."""
+    remote.check_access(image, "image")
+    path = epath.Path(image)
+    if not path.exists():
+        raise ConfigError(f"image {image} does not exist.")
+    if path.is_dir():
+        raise ConfigError(f"image {image} is a directory; pass image files (e.g. {path / '*.jpg'}).")
+    return path
+
+
+def _read_image(image: str | os.PathLike) -> bytes:
+    path = check_image_file(image)
+    try:
+        return path.read_bytes()
+    except OSError as e:  # e.g. no permission to read it
+        raise ConfigError(f"image {image} cannot be read ({type(e).__name__}: {e.strerror or e}); pass a file you "
+                          "can read.") from e
+
+
 def load_images(images: Any, prep: Preprocessing) -> np.ndarray:
     """uint8 [N, H, W, C] model-size images from paths or uint8 arrays of any size (see `Preprocessing.fit`),
     decoded and fitted by the data layer's own functions, as the run's evaluation does."""
@@ -219,10 +245,7 @@ def load_images(images: Any, prep: Preprocessing) -> np.ndarray:
             _as_pil(item, f"#{i}").save(buffer, "PNG")  # lossless: the array's pixels, in the decoders' input form
             encoded, name = buffer.getvalue(), f"#{i}"
         else:
-            path = epath.Path(item)
-            if not path.exists():
-                raise ConfigError(f"image {item} does not exist.")
-            encoded, name = path.read_bytes(), str(item)
+            encoded, name = _read_image(item), str(item)
         if prep.fit == "center_crop":
             out.append(decode.decode_crop(encoded, name, h, c, rng=None, flip=False, eval_resize=prep.eval_resize))
         else:
@@ -302,6 +325,11 @@ class TrainedRun:
             out = jax.device_get(self._apply(self.variables, chunk))
             parts.append([o[:n] for o in out])
         logits, probs, maps = (np.concatenate(p) for p in zip(*parts))
+        bad = np.flatnonzero(~np.isfinite(logits).all(axis=-1))
+        if bad.size:  # the variables are finite (checked at restore): the inputs or their normalisation overflow
+            raise ConfigError(f"{self.checkpoint} gives NaN or infinite logits for {bad.size} of {len(x)} inputs "
+                              f"(the first is input #{bad[0]}): its variables are finite, so those inputs or the "
+                              f"run's normalisation ({run_record.PREPROCESSING_FILE}) are not; check them.")
         return {"logits": logits, "probabilities": probs, "class_maps": maps}
 
     def outputs(self, images: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
@@ -364,6 +392,11 @@ def load_run(workdir: str, checkpoint: str | int = "latest", *, config: ml_colle
     if mesh is None:
         mesh = mesh_lib.create_mesh(jax.local_devices())
     prep = preprocessing or _preprocessing(workdir, config)
+    bad = sorted(k for k, v in dict(prep.normalizer.stats).items() if not np.isfinite(np.asarray(v, float)).all())
+    if bad:  # every output would be NaN
+        raise ConfigError(f"the fitted preprocessing statistics {bad} of the run in --workdir={workdir} "
+                          f"({run_record.PREPROCESSING_FILE}) hold NaN or infinite values; restore that file from a "
+                          "copy of the run.")
     model = models.create_model(config.model, len(prep.class_names), dtype=train.compute_dtype(config),
                                 layers=cpu_layers.model_layers(config.run.cpu_kernels))
     variables, step, path = restore_variables(workdir, str(checkpoint), model, config, prep.image_shape, mesh,

@@ -22,6 +22,7 @@ from etils import epath
 
 from nin_jax import config as config_lib
 from nin_jax.config import ConfigError
+from nin_jax.runtime import remote
 
 @dataclasses.dataclass(frozen=True)
 class Point:
@@ -159,13 +160,25 @@ def train_command(config_path: str, workdir: str, overrides: Mapping[str, Any],
             *(f"--config.{k}={v}" for k, v in overrides.items())]  # config_flags parses str(v) by field type
 
 
+def load_config(config_path: str) -> ml_collections.ConfigDict:
+    """The config of `--config=path[:arg]`, loaded as `nin_jax.main` loads it (a file's error is one line)."""
+    path, _, arg = config_path.partition(":")
+    try:
+        return config_lib.load_config_file(path, arg or None)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 — the config file's own code failed: the flag's error, as in nin_jax.main
+        raise ConfigError(f"--config={config_path} could not be loaded ({type(e).__name__}: {e}); pass a config "
+                          "file (and argument) such as configs/cifar10.py:modern.") from e
+
+
 def plan(sweep_name: str, root: str, config_path: str, common: Mapping[str, Any] | None = None,
          points: Sequence[str] | None = None, python: str = sys.executable) -> list[tuple[Point, str, list[str]]]:
     """(point, workdir, command) for each selected point, after validating names and override keys."""
     sweep = get_sweep(sweep_name)
     common = dict(common or {})
     selected = [sweep.point(p) for p in points] if points else list(sweep.points)
-    config = config_lib.load_config_file(config_path)
+    config = load_config(config_path)
     check_keys(config, common, "--set")
     out = []
     for p in selected:
@@ -188,7 +201,9 @@ def run_sweep(sweep_name: str, root: str, config_path: str, common: Mapping[str,
     Stopping at a failure (rather than going on) keeps the workers of a TPU VM in lockstep and leaves the
     failed point's checkpoint to resume from on the next run.
     """
-    for point, workdir, cmd in plan(sweep_name, root, config_path, common, points):
+    planned = plan(sweep_name, root, config_path, common, points)
+    remote.check_access(root, "--root")
+    for point, workdir, cmd in planned:
         if is_finished(workdir):
             log(f"[sweep {sweep_name}] {point.name}: finished ({workdir}/results.json exists), skipped")
             continue
