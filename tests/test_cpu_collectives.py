@@ -4,7 +4,9 @@ XLA's CPU client lets a device have 32 executions in flight; dispatching a 33rd 
 that also runs the participants of collectives, and with as many pool threads as devices a collective then
 never gathers all its participants (docs/cpu_collectives.md). The runs below happen in subprocesses, since the
 deadlock ends in XLA aborting the process, with the collective timeouts lowered to a few seconds so that the
-abort comes quickly, and PJRT_NPROC=1 so that the pool has exactly one thread per device on any machine.
+abort comes quickly. They use two host devices (the default on a 2-core host: one per core) and PJRT_NPROC=1,
+so that the pool has one thread per device on any machine; an unbounded loop then deadlocks within its first
+hundred steps.
 """
 
 import os
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.cpu  # host devices
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ABORT = "Termination timeout"  # XLA's message when a collective's participants never all arrive
 
-# A data-parallel step (matmul, gradient, pmean), slow enough next to its dispatch that the host runs ahead.
+# A data-parallel step (XLA all-reduces its gradient over the batch), slow enough next to its dispatch that the
+# host runs ahead.
 _PRELUDE = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
@@ -80,8 +83,9 @@ def run_on_host_devices(name: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "PJRT_NPROC": "1",  # the client's pool then has one thread per device, as on a host of <= 8 cores
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
+        "PJRT_NPROC": "1",  # the client's pool then has one thread per device, as on a host of at most 2 cores
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2"
+                     " --xla_cpu_collective_call_warn_stuck_timeout_seconds=1"
                      " --xla_cpu_collective_call_terminate_timeout_seconds=2",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         "TF_CPP_MIN_LOG_LEVEL": "0",  # XLA's abort message is logged at level ERROR/FATAL

@@ -66,11 +66,11 @@ def reexec_with_hugepages() -> None:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-# XLA:CPU's in-process collectives (host devices) abort the whole process when a participant has waited this
-# long for the others (jaxlib 0.10.2: a warning after 20 s, the abort after 40 s). Host devices share the
-# cores, so on a loaded machine a participant can wait about as long as the others take for a step. Set far
-# above any step on CPU, so that only a real deadlock still ends the run (docs/cpu_collectives.md); the
-# warning stays early enough to show where a long wait began.
+# XLA:CPU's in-process collectives (host devices) log a warning when a participant has waited the first
+# timeout for the others, and abort the whole process when it has waited the second one more (jaxlib 0.10.2
+# defaults: 20 s, then 40 s). Host devices share the cores, so on a loaded machine a participant can wait about
+# as long as the others take for a step. Set far above any step on CPU, so that only a real deadlock still
+# ends the run (docs/cpu_collectives.md); the warning stays early enough to show where a long wait began.
 COLLECTIVE_TIMEOUTS_S = {
     "xla_cpu_collective_call_warn_stuck_timeout_seconds": 120,
     "xla_cpu_collective_call_terminate_timeout_seconds": 3600,
