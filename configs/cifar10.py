@@ -13,12 +13,12 @@ padding with random crops).
 standardisation, 4-px translation + flip, cosine LR with warmup (capped at a tenth of a short run) and
 label smoothing, 200 epochs; expected about 92% (the Torch NIN-with-BN reference reaches 92%; not measured
 here at that budget). At 400 steps of batch 128 on 45,000 CIFAR-10 training images (warmup 0, no label
-smoothing, no Nesterov) it reached 63.3% / 61.7% on the 5,000 held out (seeds 0 / 1), against 62.3% /
-62.9% for a PyTorch NIN+BN trainer with the same recipe (the README's CPU-budget table).
+smoothing, no Nesterov) it reached 63.3% / 62.3% on the 5,000 held out (seeds 0 / 1), against 62.3% /
+62.9% for a PyTorch NIN+BN trainer with the same recipe (docs/notes/2026-11-30-cifar10-cpu-budget.md).
 
 Expected runtime: the caffe recipe is 120k steps x 128 images x 1.305 GFLOP = 20 PFLOP of model compute,
-i.e. about 20 minutes on one TPU v4 chip at 15% MFU (an estimate from analytic FLOPs, not a measurement);
-on a 2-core CPU (~80-95 img/s) it would take ~2 days, so CPU runs use subsets (see the README).
+i.e. about 8 minutes on one TPU v4 chip (275 TFLOP/s) at 15% MFU (an estimate from analytic FLOPs, not measured);
+a 2-core CPU would need days, so CPU runs use subsets (the note above).
 """
 
 from nin_jax import config as default

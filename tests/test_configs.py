@@ -37,6 +37,21 @@ def test_caffe_cifar10_recipe_is_the_model_zoo_solver():
     assert config.num_train_steps == 120_000 and o.lr_boundaries_epochs == (256.0,)  # 100k its of 128 / 50k
 
 
+@pytest.mark.parametrize("name, train_images, num_classes", [("cifar10", 50_000, 10), ("cifar100", 50_000, 100),
+                                                             ("svhn", 604_388, 10)])
+def test_tpu_runtime_estimate_in_the_docstring_follows_from_the_analytic_flops(name, train_images, num_classes):
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config()
+    rows = architectures.layer_table(architectures.resolve_blocks(config.model, num_classes), (32, 32, 3),
+                                     num_classes=num_classes)
+    steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * train_images / config.batch_size
+    total = steps * config.batch_size * architectures.train_flops_per_image(rows)
+    minutes = total / (275e12 * 0.15) / 60  # one TPU v4 chip's bf16 peak at 15% MFU, as the docstrings assume
+    doc = " ".join(module.__doc__.split())
+    assert f"{total / 1e15:.0f} PFLOP" in doc
+    assert f"about {minutes:.0f} minutes on one TPU v4 chip (275 TFLOP/s)" in doc and "15% MFU" in doc
+
+
 def test_unknown_config_argument_is_rejected():
     with pytest.raises(ValueError, match="cifar10.py:fast"):
         _load("cifar10", "fast")
