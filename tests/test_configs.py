@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from config_helpers import with_overrides
-from nin_jax import architectures, config as config_lib, data, optim, train
+from nin_jax import architectures, config as config_lib, data, hardware, optim, train
 from nin_jax.config import ConfigError
 
 CONFIGS = [("digits", None), ("default", None), ("cifar10", None), ("cifar10", "modern"), ("cifar100", None),
@@ -46,10 +46,11 @@ def test_tpu_runtime_estimate_in_the_docstring_follows_from_the_analytic_flops(n
                                      num_classes=num_classes)
     steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * train_images / config.batch_size
     total = steps * config.batch_size * architectures.train_flops_per_image(rows)
-    minutes = total / (275e12 * 0.15) / 60  # one TPU v4 chip's bf16 peak at 15% MFU, as the docstrings assume
+    peak = hardware.peak_flops("TPU v4", half_precision=True)
+    minutes = total / (peak * 0.15) / 60  # at 15% MFU, as the docstrings assume
     doc = " ".join(module.__doc__.split())
     assert f"{total / 1e15:.0f} PFLOP" in doc
-    assert f"about {minutes:.0f} minutes on one TPU v4 chip (275 TFLOP/s)" in doc and "15% MFU" in doc
+    assert f"about {minutes:.0f} minutes on one TPU v4 chip ({peak / 1e12:.0f} TFLOP/s)" in doc and "15% MFU" in doc
 
 
 def test_unknown_config_argument_is_rejected():
