@@ -55,7 +55,10 @@ def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = 
     )
     handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_handler_registry()),
                 "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(epath.Path(directory), options=options, item_handlers=handlers)
+    # Orbax's TensorStore specs refuse a relative path, and only when the first save commits: resolve it here.
+    directory = epath.Path(directory)
+    directory = directory if directory.is_absolute() else directory.absolute()
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def state_digest(state: Any) -> str:

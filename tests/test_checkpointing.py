@@ -34,6 +34,15 @@ def test_a_saved_state_restores_onto_another_sharding_with_its_digest_checked(tm
     assert meta["step"] == 3 and meta[checkpointing.DIGEST_KEY] == checkpointing.state_digest(state)
 
 
+def test_a_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mngr = checkpointing.create_manager("run/checkpoints", keep=2)
+    _save(mngr, 4, 2.5)
+    restored, meta = checkpointing.restore(mngr, 4, _ABSTRACT)
+    np.testing.assert_array_equal(restored["w"], np.full((4,), 2.5))
+    assert meta["step"] == 4 and (tmp_path / "run" / "checkpoints" / "4").is_dir()
+
+
 def test_arrays_that_read_but_differ_from_their_digest_are_damage(tmp_path):
     mngr = checkpointing.create_manager(tmp_path, keep=2)
     _save(mngr, 1, 1.0)
