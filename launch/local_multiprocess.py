@@ -16,8 +16,9 @@ all their devices, exactly as the hosts of a TPU pod do, and train one model on 
 Each output line is prefixed with `[p<i>]`. SIGTERM and SIGINT are forwarded to every process (a second
 SIGINT kills them): SIGTERM is the preemption notice, on which the processes agree on a step, save a
 checkpoint and exit with code 143; rerunning the same command resumes. If a process fails, the others are
-killed (they would wait forever in a collective) and the launcher exits with that process's code; if the
-launcher itself dies, the processes get SIGTERM (Linux).
+given `--grace_seconds` to stop on their own (each prints which process it lost and the last committed
+checkpoint, and exits with 75, within NIN_JAX_PEER_TIMEOUT seconds) before they are killed, and the launcher
+exits with the failed process's code; if the launcher itself dies, the processes get SIGTERM (Linux).
 """
 
 from __future__ import annotations
@@ -144,14 +145,18 @@ def launch(command: Sequence[str], *, num_processes: int, devices_per_process: i
                 break
             exits = [(i, _exit_code(c)) for i, c in enumerate(codes) if c not in (None, 0)]
             errors = [(i, c) for i, c in exits if c != PREEMPTED_EXIT_CODE]
-            if errors and failed is None:  # the others would block in their next collective
+            if errors and failed is None:
+                # The others notice the lost process themselves (nin_jax.runtime.peers) and stop with one line.
                 failed = errors[0]
-                kill_running(f"process {failed[0]} failed with exit code {failed[1]}")
+                deadline = time.monotonic() + grace_seconds
+                with lock:
+                    print(f"[launcher] process {failed[0]} failed with exit code {failed[1]}; the others have "
+                          f"{grace_seconds:.0f}s to stop", flush=True)
             elif exits and deadline is None:  # preempted: the others are saving the same step
                 deadline = time.monotonic() + grace_seconds
             elif deadline is not None and time.monotonic() > deadline:
                 deadline = float("inf")
-                kill_running(f"a process exited preempted {grace_seconds:.0f}s ago")
+                kill_running(f"a process exited {grace_seconds:.0f}s ago")
             time.sleep(0.1)
     finally:
         for s, h in previous.items():
@@ -187,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="coordinator port (0: pick a free one)")
     parser.add_argument("--module", default="nin_jax.main", help="the Python module every process runs")
     parser.add_argument("--grace_seconds", type=float, default=120.0,
-                        help="after one process exits preempted, how long the others may take to finish saving")
+                        help="after one process exits (preempted or failed), how long the others may take to stop")
     args = parser.parse_args(own)
     try:
         return launch([sys.executable, "-m", args.module, *passthrough], num_processes=args.num_processes,

@@ -18,7 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    cli.prepare_process(FLAGS.config)  # host devices and joining a multi-process job precede any use of jax
+    cli.prepare_process(FLAGS.config, FLAGS.workdir)  # host devices and joining a multi-process job precede any use of jax
     import jax  # pylint: disable=g-import-not-at-top
 
     from nin_jax import train  # pylint: disable=g-import-not-at-top

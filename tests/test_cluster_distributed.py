@@ -65,8 +65,8 @@ SRUN_2 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_N
 def test_maybe_initialize_distributed(env, found, call, monkeypatch):
     calls = []
 
-    def initialize(*args, initialization_timeout, **kwargs):  # the limit: test_cluster_env.py
-        del initialization_timeout
+    def initialize(*args, initialization_timeout, heartbeat_timeout_seconds, **kwargs):  # limits: test_cluster_env
+        del initialization_timeout, heartbeat_timeout_seconds
         calls.append((args, kwargs))
 
     monkeypatch.setattr(jax.distributed, "initialize", initialize)

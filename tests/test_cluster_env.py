@@ -11,7 +11,7 @@ import time
 import jax
 import pytest
 
-from nin_jax.runtime import cluster
+from nin_jax.runtime import cluster, peers
 from nin_jax.config import ConfigError
 import helpers_reliability as h
 
@@ -68,6 +68,7 @@ def test_open_mpi_5_processes_are_refused(jax_calls):
     ({**SRUN, "NIN_JAX_INIT_TIMEOUT": "soon"}, "NIN_JAX_INIT_TIMEOUT='soon' must be a whole number of seconds"),
     ({**SRUN, "NIN_JAX_INIT_TIMEOUT": "0"}, "NIN_JAX_INIT_TIMEOUT='0' must be a whole number of seconds >= 1"),
     ({**EXPLICIT, "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": "10.0.0.1"}, "the coordinator port '10.0.0.1'"),
+    ({**SRUN, "NIN_JAX_PEER_TIMEOUT": "1"}, "NIN_JAX_PEER_TIMEOUT='1' must be a whole number of seconds >= 5"),
 ])
 def test_bad_variables_are_named(env, message, jax_calls):
     with pytest.raises(ConfigError, match=message):
@@ -81,6 +82,15 @@ def test_jax_gets_a_limit_later_than_the_one_line_error(env, timeout, jax_calls)
     ((_, kwargs),) = jax_calls
     assert cluster.init_timeout_seconds(env) == timeout
     assert kwargs["initialization_timeout"] > timeout  # jax's own abort (a C++ stack trace) never comes first
+
+
+@pytest.mark.parametrize("env,peer_timeout", [
+    (EXPLICIT, 30), ({**EXPLICIT, "NIN_JAX_PEER_TIMEOUT": "12"}, 12)])
+def test_jax_notices_a_lost_process_later_than_the_peer_watch(env, peer_timeout, jax_calls):
+    cluster.maybe_initialize_distributed(env)
+    ((_, kwargs),) = jax_calls
+    assert peers.peer_timeout_seconds(env) == peer_timeout
+    assert kwargs["heartbeat_timeout_seconds"] > peer_timeout + 10  # the one line comes before jax's abort
 
 
 @pytest.fixture

@@ -20,8 +20,11 @@ def test_one_task_per_gpu_and_a_requeue_on_the_time_limit():
     assert directives["signal"].startswith("TERM@")
 
 
-@pytest.mark.parametrize("srun_exit,requeued", [(0, False), (143, True), (1, False)])
-def test_script_runs_the_training_command(tmp_path, srun_exit, requeued):
+@pytest.mark.parametrize("srun_exit,restarts,requeued", [
+    (0, "0", False), (143, "0", True), (1, "0", False),
+    (75, "0", True), (137, "2", True), (75, "3", False),  # a lost task: requeued at most NIN_MAX_RESTARTS=3 times
+])
+def test_script_runs_the_training_command(tmp_path, srun_exit, restarts, requeued):
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "activate").write_text("export NIN_ACTIVATED=1\n")
@@ -31,7 +34,7 @@ def test_script_runs_the_training_command(tmp_path, srun_exit, requeued):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", NIN_VENV=str(venv), SLURM_JOB_ID="4242",
-               SLURM_SUBMIT_DIR=str(h.REPO))
+               SLURM_SUBMIT_DIR=str(h.REPO), SLURM_RESTART_COUNT=restarts)
     proc = subprocess.run(["bash", str(SCRIPT), *ARGS], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == srun_exit, proc.stderr
     calls = (tmp_path / "calls").read_text().splitlines()

@@ -205,18 +205,19 @@ def stand_in(tmp_path):
     return env
 
 
-def test_launcher_kills_the_others_when_one_process_fails(tmp_path, stand_in):
+def test_launcher_gives_the_others_a_grace_period_then_kills_them_when_one_process_fails(tmp_path, stand_in):
     log = tmp_path / "fail.log"
     start = time.monotonic()
     proc = _launch(None, log, stand_in, None, module_args=["fail"], devices_per_process=3,
-                   launcher_args=["--module=mp_stand_in"])
+                   launcher_args=["--module=mp_stand_in", "--grace_seconds=5"])
     code = proc.wait(timeout=60)
     text = log.read_text()
     assert code == 3, text
-    assert time.monotonic() - start < 30  # process 0 (sleeping 60 s) was killed, not waited for
+    assert time.monotonic() - start < 30  # process 0 (sleeping 60 s) was killed after the grace period
     assert re.search(r"\[p0\] env 0 2 127\.0\.0\.1:\d+ (\S+ )*--xla_force_host_platform_device_count=3\n", text), text
     assert re.search(r"\[p1\] env 1 2 127\.0\.0\.1:\d+ (\S+ )*--xla_force_host_platform_device_count=3\n", text), text
-    assert "[launcher] process 1 failed with exit code 3; killing the processes still running" in text
+    assert "[launcher] process 1 failed with exit code 3; the others have 5s to stop" in text
+    assert "[launcher] a process exited 5s ago; killing the processes still running" in text
     assert "[launcher] exit codes [137, 3]" in text
 
 

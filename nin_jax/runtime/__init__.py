@@ -8,5 +8,6 @@ records the experiment or its extension, turns a full disk into one message nami
 (one training per workdir), `record` (config.json, results.json, committed steps), `recovery` (which
 checkpoint to restore, and what a damaged one costs), `metrics_log` (metrics.jsonl), `preemption` (SIGTERM
 and Ctrl-C), `quiet` (the libraries' noise), `remote` (gs:// paths that cannot be reached), `cli` (the command
-line's flags, process set-up, one-line errors), `cluster` (joining a multi-process job).
+line's flags, process set-up, one-line errors), `cluster` (joining a multi-process job), `peers` (ending
+the job in every process, with one line, when one of its processes is lost).
 """

@@ -1,8 +1,9 @@
 """The training command line's side of the run: flags, process set-up, and errors as one line.
 
 A bad flag, config field, file or dataset (`ConfigError`), a locked workdir, a full disk and a diverged run
-end with one line `error: ...` and exit status 1; SIGTERM and Ctrl-C with 143 / 130 (resumable). Every other
-exception, storage failures included, keeps its traceback.
+end with one line `error: ...` and exit status 1; SIGTERM and Ctrl-C with 143 / 130 (resumable); the loss of
+another process of the job with 75 (resumable, `peers`). Every other exception, storage failures included,
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -74,15 +75,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return []  # not reached
 
 
-def prepare_process(config: ml_collections.ConfigDict) -> None:
+def prepare_process(config: ml_collections.ConfigDict, workdir: str) -> None:
     """What must precede any other use of jax: the CPU's host devices and huge pages (`nin_jax.cpu.hostenv`),
-    then joining a multi-process job (`cluster.maybe_initialize_distributed`)."""
+    then joining a multi-process job (`cluster.maybe_initialize_distributed`) and watching its other
+    processes (`peers.start`)."""
     from nin_jax.cpu import hostenv  # pylint: disable=g-import-not-at-top
-    from nin_jax.runtime import cluster  # pylint: disable=g-import-not-at-top  (imports jax)
+    from nin_jax.runtime import cluster, peers  # pylint: disable=g-import-not-at-top  (imports jax)
 
     config_lib.validate(config)
     hostenv.prepare(config, reexec=True)
     cluster.maybe_initialize_distributed()
+    peers.start(workdir)
 
 
 def fail(error: Exception | str) -> None:
@@ -110,6 +113,9 @@ def run(main: Callable[[list[str]], None]) -> None:
             main(argv)
         except Exception as e:  # noqa: BLE001 — only the kinds above become one line
             if not _is_one_line(e):
+                from nin_jax.runtime import peers  # pylint: disable=g-import-not-at-top
+
+                peers.explain(e)  # a collective that failed because a process was lost: one line, status 75
                 raise
             fail(e)
 

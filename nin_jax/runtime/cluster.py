@@ -19,6 +19,7 @@ from typing import Mapping
 import jax
 
 from nin_jax.config import ConfigError
+from nin_jax.runtime import peers
 
 # What each of jax's cluster detectors (jax/_src/clusters/, jax 0.10.2) needs in the environment, by the name
 # `jax.distributed.initialize(cluster_detection_method=...)` accepts. Only the yes/no is decided here; jax
@@ -151,7 +152,7 @@ def _check_port_free(port: int) -> None:
                 "JAX_COORDINATOR_ADDRESS otherwise).") from None
 
 
-def _join(how: str, timeout: int, *args: object, **kwargs: object) -> None:
+def _join(how: str, timeout: int, heartbeat: int, *args: object, **kwargs: object) -> None:
     """`jax.distributed.initialize(*args, **kwargs)`, or, when not every process has joined within `timeout`
     seconds, one line `error: ...` naming the coordinator and the process count, and exit status 1."""
     joined = threading.Event()
@@ -177,7 +178,8 @@ def _join(how: str, timeout: int, *args: object, **kwargs: object) -> None:
     logging.info("Joining a multi-process job (%s); waiting up to %d s for every process (%s overrides).", how,
                  timeout, INIT_TIMEOUT_VAR)
     try:
-        jax.distributed.initialize(*args, initialization_timeout=timeout + _JAX_TIMEOUT_MARGIN_SECONDS, **kwargs)
+        jax.distributed.initialize(*args, initialization_timeout=timeout + _JAX_TIMEOUT_MARGIN_SECONDS,
+                                   heartbeat_timeout_seconds=heartbeat, **kwargs)
     finally:
         joined.set()
 
@@ -198,26 +200,28 @@ def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> str | N
     A partial environment is refused with `ConfigError` naming what is missing: some but not all of the explicit
     variables, or a cluster's process count above 1 without every variable its detector needs (e.g. SLURM
     variables outside `srun`). Every process must join within `NIN_JAX_INIT_TIMEOUT` seconds (default 300) of the
-    first; otherwise each waiting one prints a line naming the coordinator and exits with status 1.
+    first; otherwise each waiting one prints a line naming the coordinator and exits with status 1. jax's
+    heartbeat timeout is set behind `NIN_JAX_PEER_TIMEOUT` (`peers`), which ends the job first when a process is lost.
     """
     timeout = init_timeout_seconds(env)
+    heartbeat = peers.jax_heartbeat_timeout(env)  # jax's backstop behind `peers.PeerWatch`
     if any(n in env for n in EXPLICIT_ENV_VARS):
         address, count, pid = _explicit_process(env)
         port = _coordinator_port("explicit", env) if pid == 0 else None
         if port is not None:
             _check_port_free(port)
-        _join("JAX_COORDINATOR_ADDRESS", timeout, address, count, pid, cluster_detection_method="deactivate")
+        _join("JAX_COORDINATOR_ADDRESS", timeout, heartbeat, address, count, pid, cluster_detection_method="deactivate")
         return "explicit"
     cluster = _multi_process_cluster(env)
     if cluster is not None:
         port = _coordinator_port(cluster, env) if cluster == "slurm" and int(env["SLURM_PROCID"]) == 0 else None
         if port is not None:
             _check_port_free(port)
-        _join(cluster, timeout, cluster_detection_method=cluster)
+        _join(cluster, timeout, heartbeat, cluster_detection_method=cluster)
         return cluster
     if importlib.util.find_spec("libtpu") is not None:
         try:
-            _join("Cloud TPU", timeout)
+            _join("Cloud TPU", timeout, heartbeat)
         except (RuntimeError, ValueError) as e:
             logging.warning("jax.distributed.initialize() failed (%s); running as a single process.", e)
             return None
