@@ -32,6 +32,10 @@ options `--internal_ip`, `--tunnel_through_iap` and `--ssh_flag=...` (repeatable
   to ~/nin_logs/<job>.log and copies that log to <workdir>/logs/<job>.worker<i>.log every 5 minutes and
   at the end (`gcloud storage cp` for gs://). Without `--background` the command then follows the logs and
   returns the job's exit code; if the connection drops, the job goes on (`logs --follow` picks it up).
+* A run that lost a process (a worker's training exits with 75 when another process of the job stops
+  answering, 137 when it was killed, e.g. by the OOM killer) starts again on every worker, at most `--restarts`
+  times (default 3), and resumes from the last committed checkpoint; `stop` ends it without a restart. A
+  preempted or deleted VM ends the wrappers too: rerun `train` (or `all`) on the new VM to resume.
 * `stop` sends SIGTERM to each job's process group (training saves a checkpoint and exits; a rerun of the
   same command resumes), SIGKILL after `--grace_seconds`, then kills any process still holding the TPU
   devices and removes the libtpu lockfile.
@@ -90,6 +94,12 @@ _WORKER_ENV = (
 # The devices a TPU VM's runtime opens: /dev/accel* up to v4 and v5p, VFIO groups on v5e and v6e.
 _TPU_DEVICES = "/dev/accel* /dev/vfio/[0-9]*"
 _LOG_COPY_SECONDS = 300
+# A training process that lost another process of the job exits with 75 (nin_jax.runtime.peers); one killed
+# outright (kill -9, the kernel's OOM killer) reads 137. Either way the others end too, and the job resumes from
+# its last committed checkpoint when every worker starts it again. The pause lets the ended process's TPU runtime
+# release the chips and the coordinator's port before the next start claims them.
+RESTART_EXIT_CODES = (75, 137)
+RESTART_DELAY_SECONDS = 10
 _QUEUED_FAILED = ("FAILED", "SUSPENDED", "SUSPENDING")
 
 
@@ -339,24 +349,37 @@ def _copy_command(log: str, dest_dir: str, job: str) -> str:
     return f"mkdir -p {shlex.quote(dest)} && cp {log} {shlex.quote(dest)}/{name}"
 
 
-def job_wrapper(job: str, argv: Sequence[str], log_dir: str) -> str:
+def job_wrapper(job: str, argv: Sequence[str], log_dir: str, restarts: int = 0) -> str:
     """The detached script a worker runs: `argv` in the code directory, logged to ~/nin_logs/<job>.log
-    and copied to `log_dir`/logs; it records its process group (for `stop`) and the exit code."""
+    and copied to `log_dir`/logs; it records its process group (for `stop`) and the exit code. A run that
+    lost a process of the job (exit code in `RESTART_EXIT_CODES`) starts again, at most `restarts` times."""
     log, pid, code = (f"$HOME/{REMOTE_LOGS}/{job}.{ext}" for ext in ("log", "pid", "exit"))
     copy = _copy_command(log, log_dir, job)
+    lost = " || ".join(f"[ $status -eq {c} ]" for c in RESTART_EXIT_CODES)
     return "\n".join([
         f"echo $$ > {pid}",
         f"cd $HOME/{REMOTE_DIR} && source $HOME/{REMOTE_VENV}/bin/activate || {{ echo \"== {job}: no code or "
         f"environment on $(hostname); run the setup subcommand\" >> {log}; echo 1 > {code}; exit 1; }}",
         _WORKER_ENV,
-        f"echo \"== {job} started $(date -u +%FT%TZ) on $(hostname): \"{shlex.quote(shlex.join(argv))} >> {log}",
         f"(while sleep {_LOG_COPY_SECONDS}; do {copy}; done) &",
         "copier=$!",
+        "stopping=; start=0",
+        "trap 'stopping=1; kill -TERM $child 2>/dev/null' TERM INT",  # stop signals the group; wait for the code
+        "while true; do",
+        f"echo \"== {job} started $(date -u +%FT%TZ) on $(hostname): \"{shlex.quote(shlex.join(argv))} >> {log}",
         f"{shlex.join(argv)} >> {log} 2>&1 &",
         "child=$!",
-        "trap 'kill -TERM $child 2>/dev/null' TERM INT",  # stop signals the group; wait for the child's code
         "wait $child; status=$?",
         "while kill -0 $child 2>/dev/null; do wait $child; status=$?; done",
+        f"if [ -n \"$stopping\" ] || ! {{ {lost}; }}; then break; fi",
+        f"if [ $start -ge {restarts} ]; then echo \"== {job} lost a process (exit code $status) after $start "
+        f"restart(s) (--restarts={restarts}): giving up\" >> {log}; break; fi",
+        "start=$((start + 1))",
+        f"echo \"== {job} lost a process (exit code $status): restart $start of {restarts} in "
+        f"{RESTART_DELAY_SECONDS} s, from the last committed checkpoint\" >> {log}",
+        f"sleep {RESTART_DELAY_SECONDS} & wait $!",  # waits in the background so that stop's SIGTERM ends it
+        "[ -n \"$stopping\" ] && break",
+        "done",
         "pkill -P $copier 2>/dev/null; kill $copier 2>/dev/null",  # its sleep first, which ends its loop
         f"echo \"== {job} exited with code $status $(date -u +%FT%TZ)\" >> {log}",
         f"echo $status > {code}",
@@ -365,15 +388,17 @@ def job_wrapper(job: str, argv: Sequence[str], log_dir: str) -> str:
     ])
 
 
-def remote_job(job: str, argv: Sequence[str], log_dir: str, *, background: bool, grace_seconds: int = 60) -> str:
-    """The shell command every worker runs: stop what runs, start `job` detached, and unless `background`
-    follow its log until it ends and exit with its code."""
+def remote_job(job: str, argv: Sequence[str], log_dir: str, *, background: bool, grace_seconds: int = 60,
+               restarts: int = 0) -> str:
+    """The shell command every worker runs: stop what runs, start `job` detached (`job_wrapper`), and unless
+    `background` follow its log until it ends and exit with its code."""
     log, pid, code = (f"{REMOTE_LOGS}/{job}.{ext}" for ext in ("log", "pid", "exit"))
     start = "\n".join([
         stop_script(grace_seconds),
         f"mkdir -p {REMOTE_LOGS} && rm -f {code} && touch {log}",
         f"offset=$(stat -c %s {log})",
-        f"setsid nohup bash -c {shlex.quote(job_wrapper(job, argv, log_dir))} > /dev/null 2>&1 < /dev/null &",
+        f"setsid nohup bash -c {shlex.quote(job_wrapper(job, argv, log_dir, restarts))} > /dev/null 2>&1 "
+        "< /dev/null &",
         f"for i in $(seq 100); do [ -s {pid} ] && break; sleep 0.1; done",
         f"echo \"{job} runs on $(hostname) as process group $(cat {pid}); log: ~/{log}\"",
     ])
@@ -536,6 +561,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--workdir", help="gs:// workdir")
         p.add_argument("--background", action="store_true", help="return at once; follow with `logs --follow`")
         p.add_argument("--grace_seconds", type=int, default=60, help="how long a previous job may take to stop")
+        p.add_argument("--restarts", type=int, default=3,
+                       help="start a run that lost a process (exit 75 or 137) again on every worker, at most this "
+                       "often; it resumes from the last committed checkpoint (0: never)")
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -564,6 +592,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--points", default="")
     a.add_argument("--collect", default="tpu_logs", metavar="DIR", help="where the workers' logs are copied")
     a.add_argument("--keep_vm", action="store_true", help="do not delete the VM at the end")
+    a.add_argument("--restarts", type=int, default=3, help="as for train")
     return parser
 
 
@@ -582,6 +611,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         def job(background: bool) -> tuple[str, str]:
             """(job name, remote command) of a train or sweep subcommand, validated before anything runs."""
             grace = getattr(args, "grace_seconds", 60)
+            if args.restarts < 0:
+                raise ConfigError(f"--restarts={args.restarts} must be >= 0 (how often a run that lost a process "
+                                  "starts again; 0: never).")
+            again = {"grace_seconds": grace, "restarts": args.restarts}
             vm_deleted = args.command == "all" and not args.keep_vm
             if args.command == "sweep" or getattr(args, "sweep", None):
                 if not args.root:
@@ -590,13 +623,13 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
                 check_config(args.config, overrides)
                 name = f"sweep-{args.sweep}"
                 argv_ = sweep_argv(args.sweep, args.root, args.config, overrides, args.points)
-                return name, remote_job(name, argv_, args.root, background=background, grace_seconds=grace)
+                return name, remote_job(name, argv_, args.root, background=background, **again)
             if not args.config or not args.workdir:
                 raise ConfigError("--config and --workdir are required to train.")
             check_job_path(vm, "--workdir", args.workdir, vm_deleted=vm_deleted)
             check_config(args.config, overrides)
             argv_ = train_argv(args.config, args.workdir, overrides)
-            return "train", remote_job("train", argv_, args.workdir, background=background, grace_seconds=grace)
+            return "train", remote_job("train", argv_, args.workdir, background=background, **again)
 
         if args.command == "create":
             create(vm, run)

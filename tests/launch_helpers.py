@@ -60,7 +60,8 @@ def trained_workdir() -> tuple[str, dict]:
 # directories (their home directories) on this machine. `ssh` runs the command with bash in each worker's home,
 # with stand-ins for the VM's tools: `curl` (metadata server, uv installer), `sudo` (recorded, never run), uv
 # (refuses an existing virtual environment, as current uv does) and the environment's `python` (prints its
-# arguments, runs for FAKE_TPU_ROOT/train_seconds, exits 143 on SIGTERM). With FAKE_TPU_ROOT/drop_connection,
+# arguments, runs for FAKE_TPU_ROOT/train_seconds, exits 143 on SIGTERM (or FAKE_TPU_ROOT/term_exit), else with line k of FAKE_TPU_ROOT/train_exit
+# at its k-th start on a worker, its last line after that, or 0). With FAKE_TPU_ROOT/drop_connection,
 # an ssh that follows a job exits 255 as if the connection dropped. `storage cp` copies into
 # FAKE_TPU_ROOT/gcs/<bucket>/... . No network, no real VM.
 
@@ -153,11 +154,13 @@ fi
     "python_impl": r'''#!/bin/bash
 if [ "$1" = -c ]; then echo "0 4 8 TPU v4"; exit 0; fi
 echo "fake python $* (worker $TPU_WORKER_ID of $TPU_WORKER_HOSTNAMES, in $(basename $PWD))"
-trap 'echo "got SIGTERM"; exit 143' TERM
+trap 'echo "got SIGTERM"; exit "$(cat "$FAKE_TPU_ROOT/term_exit" 2>/dev/null || echo 143)"' TERM
 end=$(( $(date +%s) + $(cat "$FAKE_TPU_ROOT/train_seconds" 2>/dev/null || echo 0) ))
 while [ "$(date +%s)" -lt "$end" ]; do sleep 0.1; done
 echo "fake training done"
-exit "$(cat "$FAKE_TPU_ROOT/train_exit" 2>/dev/null || echo 0)"
+starts=$(( $(cat "$HOME/fake_starts" 2>/dev/null || echo 0) + 1 )); echo $starts > "$HOME/fake_starts"
+code=$(sed -n "${starts}p" "$FAKE_TPU_ROOT/train_exit" 2>/dev/null)
+exit "${code:-$(tail -n 1 "$FAKE_TPU_ROOT/train_exit" 2>/dev/null || echo 0)}"
 ''',
 }
 

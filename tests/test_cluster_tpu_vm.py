@@ -123,6 +123,44 @@ def test_all_follows_the_job_and_returns_its_exit_code(fake, tmp_path):
     assert _verbs(root) == ["create", "scp", "ssh:setup", "ssh:train", "scp", "scp", "delete"]
 
 
+def test_a_run_that_lost_a_process_starts_again_on_every_worker_up_to_restarts(fake, monkeypatch):
+    root, launch = fake
+    monkeypatch.setattr(tpu_vm, "RESTART_DELAY_SECONDS", 0)
+    logs = [root / "workers" / f"w{i}" / "nin_logs" / "train.log" for i in range(2)]
+    assert launch("create", "v4-16") == 0 and launch("setup", "v4-16") == 0
+    (root / "train_exit").write_text("75\n137\n0\n")  # a peer lost, then this process killed, then done
+    assert launch("train", "v4-16", *CONFIG) == 0
+    for log in logs:
+        text = log.read_text()
+        assert text.count("fake python -m nin_jax.main") == 3
+        assert "== train lost a process (exit code 75): restart 1 of 3" in text
+        assert "== train lost a process (exit code 137): restart 2 of 3" in text
+        assert "== train exited with code 0" in text
+    (root / "train_exit").write_text("75\n")  # every start loses a process: the job gives up
+    assert launch("train", "v4-16", "--restarts=1", *CONFIG) == 75
+    for log in logs:
+        text = log.read_text().split("== train exited with code 0")[1]
+        assert text.count("fake python -m nin_jax.main") == 2
+        assert "after 1 restart(s) (--restarts=1): giving up" in text and "== train exited with code 75" in text
+    (root / "train_exit").write_text("3\n")  # any other failure is not restarted
+    assert launch("train", "v4-16", *CONFIG) == 3
+    assert logs[0].read_text().split("giving up")[1].count("fake python -m nin_jax.main") == 1
+    assert launch("train", "v4-16", "--restarts=-1", *CONFIG) == 2
+
+
+def test_stop_ends_a_job_without_a_restart(fake, monkeypatch):
+    root, launch = fake
+    (root / "train_seconds").write_text("120")
+    (root / "term_exit").write_text("137")  # as if the run were lost: still no restart after a stop
+    assert launch("create", "v4-8") == 0 and launch("setup", "v4-8") == 0
+    assert launch("train", "v4-8", "--background", *CONFIG) == 0
+    log = root / "workers" / "w0" / "nin_logs" / "train.log"
+    _wait_for(lambda: "fake python -m nin_jax.main" in log.read_text())
+    assert launch("stop", "v4-8", "--grace_seconds=20") == 0
+    text = log.read_text()
+    assert "== train exited with code 137" in text and "restart" not in text
+
+
 def test_all_keeps_the_vm_when_the_connection_drops(fake, capsys):
     root, launch = fake
     (root / "drop_connection").touch()
