@@ -70,13 +70,7 @@ def _int_var(env: Mapping[str, str], name: str) -> int:
 
 def init_timeout_seconds(env: Mapping[str, str] = os.environ) -> int:
     """`NIN_JAX_INIT_TIMEOUT` (seconds), by default `DEFAULT_INIT_TIMEOUT_SECONDS`."""
-    value = env.get(INIT_TIMEOUT_VAR, "").strip()
-    if not value:
-        return DEFAULT_INIT_TIMEOUT_SECONDS
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{INIT_TIMEOUT_VAR}={value!r} must be a whole number of seconds >= 1, e.g. "
-                          f"{INIT_TIMEOUT_VAR}={DEFAULT_INIT_TIMEOUT_SECONDS}.")
-    return int(value)
+    return peers.seconds_from_env(env, INIT_TIMEOUT_VAR, DEFAULT_INIT_TIMEOUT_SECONDS, minimum=1)
 
 
 def _explicit_process(env: Mapping[str, str]) -> tuple[str, int, int]:

@@ -38,15 +38,19 @@ _KEY = "nin_jax/alive/"
 _STOPPING_KEY = "nin_jax/stopping/"
 
 
+def seconds_from_env(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    """The whole number of seconds in the environment variable `name` (`default` when unset or empty)."""
+    value = env.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < minimum:
+        raise ConfigError(f"{name}={value!r} must be a whole number of seconds >= {minimum}, e.g. {name}={default}.")
+    return int(value)
+
+
 def peer_timeout_seconds(env: Mapping[str, str] = os.environ) -> int:
     """`NIN_JAX_PEER_TIMEOUT` (seconds), by default `DEFAULT_PEER_TIMEOUT_SECONDS`."""
-    value = env.get(PEER_TIMEOUT_VAR, "").strip()
-    if not value:
-        return DEFAULT_PEER_TIMEOUT_SECONDS
-    if not value.isdigit() or int(value) < 5:
-        raise ConfigError(f"{PEER_TIMEOUT_VAR}={value!r} must be a whole number of seconds >= 5, e.g. "
-                          f"{PEER_TIMEOUT_VAR}={DEFAULT_PEER_TIMEOUT_SECONDS}.")
-    return int(value)
+    return seconds_from_env(env, PEER_TIMEOUT_VAR, DEFAULT_PEER_TIMEOUT_SECONDS, minimum=5)
 
 
 def jax_heartbeat_timeout(env: Mapping[str, str] = os.environ) -> int:
