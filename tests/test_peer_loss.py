@@ -1,7 +1,7 @@
 """A job of 4 processes x 2 host devices that loses one process: the others stop on their own, each with one
 line naming the lost process and the last committed checkpoint, exit status 75, within the peer timeout
-plus a few heartbeats; the rerun of the same command resumes to results bit-identical to a run never
-interrupted.
+plus a few heartbeats; the rerun of the same command, or of the same job on 2 processes x 4 devices,
+resumes to results bit-identical to a run never interrupted.
 
 Five runs of the same config overlap in time: `reference` (not interrupted) and the faults of `CASES` to
 process 2: kill -9 between two checkpoints, during a checkpoint's save and during an evaluation, and
@@ -29,16 +29,17 @@ PEER_TIMEOUT = 20  # seconds; tolerant of 12 processes sharing 2 cores
 STOP_SECONDS = PEER_TIMEOUT + 25  # the straggler's pause: past the timeout and the survivors' exit
 FAULT_STEP = 10  # between the checkpoints of steps 8 and 12
 EVAL_STEP = 12  # a checkpoint and an evaluation
+RERUN_PROCESSES = {"killed": NUM_PROCESSES, "mid_save": NUM_PROCESSES // 2}
 # Every survivor's exit, counted from the fault: the timeout, two heartbeats to notice, and the leaving.
 EXIT_BOUND = PEER_TIMEOUT + 15
 
 
-def _launch(name, env, log_name=None, changes=None):
+def _launch(name, env, log_name=None, changes=None, processes=NUM_PROCESSES):
     log = env["root"] / f"{log_name or name}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(LAUNCHER), f"--num_processes={NUM_PROCESSES}",
-             f"--devices_per_process={DEVICES_PER_PROCESS}", "--grace_seconds=300", "--",
+            [sys.executable, str(LAUNCHER), f"--num_processes={processes}",
+             f"--devices_per_process={NUM_PROCESSES * DEVICES_PER_PROCESS // processes}", "--grace_seconds=300", "--",
              f"--workdir={env['root'] / name}", *h.config_flags(env["data_cache"], **(changes or {}))],
             cwd=h.REPO, env={**env["subprocess"], peers.PEER_TIMEOUT_VAR: str(PEER_TIMEOUT)}, stdout=out,
             stderr=subprocess.STDOUT)
@@ -108,8 +109,9 @@ def runs(env):
             p.kill()
     assert procs["reference"].returncode == 0, h.log_tail(logs["reference"], 60)
     assert set(faults) == {*CASES, "continued"}, {n: h.log_tail(l) for n, l in logs.items() if n not in faults}
-    # The rerun of the commands whose checkpoint was being written, with the fault gone.
-    reruns = {name: _launch(name, env, f"{name}_rerun") for name in ("killed", "mid_save")}
+    # The reruns of the commands whose checkpoint was being written, with the fault gone: the same command, and
+    # the same job on half as many processes (of twice the devices each).
+    reruns = {name: _launch(name, env, f"{name}_rerun", processes=RERUN_PROCESSES[name]) for name in RERUN_PROCESSES}
     for name, (proc, log) in reruns.items():
         assert proc.wait(timeout=600) == 0, h.log_tail(log, 60)
         logs[f"{name}_rerun"] = log
@@ -140,7 +142,7 @@ def test_every_survivor_stops_with_one_line_naming_the_lost_process(runs, name):
     assert "killing the processes still running" not in text  # they stopped by themselves
 
 
-@pytest.mark.parametrize("name", ["killed", "mid_save"])
+@pytest.mark.parametrize("name", list(RERUN_PROCESSES))
 def test_the_rerun_resumes_from_the_last_committed_step_to_the_uninterrupted_results(runs, name):
     rerun, reference = runs["root"] / name, runs["root"] / "reference"
     assert sorted(h.trajectory(rerun)) == list(range(1, h.NUM_STEPS + 1))
@@ -149,5 +151,5 @@ def test_the_rerun_resumes_from_the_last_committed_step_to_the_uninterrupted_res
     restorer = h.Restorer(runs["config"])
     h.assert_states_identical(restorer.restore(rerun)[0], restorer.restore(reference)[0])
     text = runs["logs"][f"{name}_rerun"].read_text()
-    for i in range(NUM_PROCESSES):
+    for i in range(RERUN_PROCESSES[name]):
         assert f"[p{i}] Resuming from checkpoint step 8 in " in text  # step 12's partial save was not taken
