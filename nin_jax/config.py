@@ -3,7 +3,9 @@
 `configs/*.py` start from `get_config()` here; `configs/default.py` is this config unchanged.
 """
 
+import dataclasses
 import math
+import re
 from typing import Callable
 
 import ml_collections
@@ -49,6 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.class_map_relu = True  # ReLU on the class maps, as in every original config
     config.model.init = "he"  # he | caffe (the original per-layer Gaussian stds) | pytorch (U(+-1/sqrt(fan_in)))
 
+    # Fine-tuning (nin_jax/finetune.py): start from the weights of another run's workdir; the class-map layer
+    # starts fresh when the class count differs.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+    config.init_checkpoint = "latest"  # of init_from: latest | best | a step number
+
     # Optimisation. recipe='caffe' is the original solver; 'modern' is cosine + warmup + label smoothing.
     config.recipe = "modern"
     config.optim = ml_collections.ConfigDict()
@@ -63,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_epochs = 0.0  # modern recipe: linear warmup, then cosine to 0
     config.optim.label_smoothing = 0.0
     config.optim.grad_clip_norm = 0.0  # 0 disables
+    # Accumulate each step's gradient over this many micro-batches of batch_size / k (see train.train_step).
+    config.optim.grad_accum_steps = 1
 
     # Duration and batch.
     config.batch_size = 128  # global, over all devices and hosts
@@ -85,12 +94,50 @@ def get_config() -> ml_collections.ConfigDict:
     config.run.log_every_steps = 50
     config.run.eval_every_steps = 1000  # also evaluates at the end
     config.run.checkpoint_every_steps = 1000  # also saves at the end and on SIGTERM
-    config.run.keep_checkpoints = 2  # the latest N, plus the best by eval/top1
+    config.run.keep_checkpoints = 2  # the latest N, plus the best by run.best_metric
+    # More evaluations besides eval_split's: "name=split[@every_steps], ..." (default cadence: eval_every_steps),
+    # each logged as eval/<name>/{loss,top1,top5}; e.g. "test=test,clean=train[45000:]@500". See `evaluations`.
+    config.run.evals = ""
+    config.run.best_metric = "eval/top1"  # ranks the kept best checkpoint and --checkpoint=best (a loss: lowest)
     config.run.profile = False  # a TensorBoard profile of a few steps after warm-up
     return config
 
 
 EXECUTION_SECTION = "run"
+EVAL_METRICS = ("loss", "top1", "top5")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of a run: every example of `split`, every `every_steps` steps and at the end."""
+
+    name: str  # "" for config.eval_split's
+    split: str
+    every_steps: int
+
+    @property
+    def prefix(self) -> str:
+        """Of its metric names: eval/ for config.eval_split's, eval/<name>/ for another."""
+        return f"eval/{self.name}/" if self.name else "eval/"
+
+
+def evaluations(config: ml_collections.ConfigDict) -> tuple[Evaluation, ...]:
+    """config.eval_split's evaluation, then those of `config.run.evals`; `ConfigError` for a malformed entry."""
+    out = [Evaluation("", config.eval_split, config.run.eval_every_steps)]
+    example = "--config.run.evals='test=test,val=train[45000:]@500'"
+    for item in (part.strip() for part in str(config.run.evals or "").split(",")):
+        if not item:
+            continue
+        name, has_split, rest = (part.strip() for part in item.partition("="))
+        split, has_every, every = (part.strip() for part in rest.partition("@"))
+        if not has_split or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or not split or (
+                has_every and not (every.isdigit() and int(every) >= 1)):
+            raise ConfigError(f"config.run.evals: {item!r} is not name=split[@every_steps] (a lower-case name, a "
+                              f"split, steps >= 1); e.g. {example}.")
+        if name in {e.name for e in out}:
+            raise ConfigError(f"config.run.evals names {name!r} twice; give each evaluation its own name.")
+        out.append(Evaluation(name, split, int(every) if has_every else config.run.eval_every_steps))
+    return tuple(out)
 # Execution fields were top-level fields before they moved into `config.run`: a config.json written then
 # still loads (`from_json`), and an override by the old name is answered with the new one.
 MOVED_TO_RUN = ("data_dir", "cache_dir", "eval_batch_size", "parallelism", "cpu_kernels", "num_cpu_devices",
@@ -183,6 +230,7 @@ _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
     ("optim.warmup_epochs", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
     ("optim.label_smoothing", False, lambda v: 0 <= v < 1, "in [0, 1) (0 disables)", "0.1"),
     ("optim.grad_clip_norm", False, lambda v: v >= 0, ">= 0 (0 disables)", "0.0"),
+    ("optim.grad_accum_steps", True, lambda v: v >= 1, ">= 1 micro-batches per step (1 disables)", "1"),
     ("run.num_cpu_devices", True, lambda v: v >= 0, ">= 0 (0: one per core)", "0"),
     ("run.input_workers", True, lambda v: v >= 0, ">= 0 (0: decode in threads)", "0"),
     ("run.log_every_steps", True, lambda v: v >= 1, ">= 1 steps", "50"),
@@ -211,6 +259,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{name}={value!r} must be {kind} {allowed}; set e.g. --config.{name}={example}.")
         if not ok(value):
             raise ConfigError(f"config.{name}={value!r} must be {allowed}; set e.g. --config.{name}={example}.")
+    if "run.evals" in fields:
+        metrics = [f"{e.prefix}{m}" for e in evaluations(config) for m in EVAL_METRICS]
+        if fields.get("run.best_metric") not in metrics:
+            raise ConfigError(f"config.run.best_metric={fields.get('run.best_metric')!r} is not a metric of this run's "
+                              f"evaluations; choose one of {', '.join(metrics)}.")
+    accum, batch = fields.get("optim.grad_accum_steps", 1), fields.get("batch_size", 1)
+    if batch % accum:
+        fits = [k for k in range(2, min(batch, 16) + 1) if batch % k == 0]
+        raise ConfigError(f"config.optim.grad_accum_steps={accum} does not divide config.batch_size={batch} into equal "
+                          f"micro-batches; set e.g. --config.optim.grad_accum_steps={fits[0] if fits else 1}.")
     boundaries = fields.get("optim.lr_boundaries_epochs") or ()
     if not all(_is_number(b) and b >= 0 for b in boundaries) or list(boundaries) != sorted(boundaries):
         raise ConfigError(f"config.optim.lr_boundaries_epochs={tuple(boundaries)!r} must be increasing epochs >= 0; "

@@ -29,7 +29,8 @@ from clu import metric_writers, metrics, periodic_actions
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
-from nin_jax import architectures, checkpointing, config as config_lib, data, hardware, mesh as mesh_lib, models, optim
+from nin_jax import (architectures, checkpointing, config as config_lib, data, finetune, hardware, mesh as mesh_lib,
+                     models, optim)
 from nin_jax.runtime import workdir as workdir_lib
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
@@ -99,25 +100,50 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.NIN, i
 
 
 def train_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes: int, label_smoothing: float,
-               axis_name: str | None = None) -> tuple[TrainState, dict]:
-    """One SGD step. With `axis_name`, runs per device and averages gradients/metrics over that axis."""
+               micro_batches: int = 1, axis_name: str | None = None) -> tuple[TrainState, dict]:
+    """One SGD step. With `axis_name`, runs per device and averages gradients/metrics over that axis.
+
+    With `micro_batches` k > 1 the batch's gradient is accumulated over k sequential micro-batches of a k-th of
+    its rows (rows j, j+k, j+2k, ... form micro-batch j, so each device keeps its own rows), and the mean of
+    their gradients makes one update: without BatchNorm, the update of the whole batch up to float rounding.
+    BatchNorm normalises each micro-batch by its own statistics and updates the running ones after each, as
+    k forward passes of the smaller batch would; dropout draws a mask per micro-batch.
+    """
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     has_bn = bool(state.batch_stats)
 
-    def loss_fn(params):
-        out = model.apply(models.variables(params, state.batch_stats), batch["image"], train=True, rngs={"dropout": rng},
-                          mutable=["batch_stats"] if has_bn else False)
-        logits, updates = out if has_bn else (out, {})
-        loss = optim.cross_entropy_loss(logits, batch["label"], num_classes, label_smoothing).mean()
-        return loss, (logits, updates)
+    def gradients(batch_stats, part, rng):
+        def loss_fn(params):
+            out = model.apply(models.variables(params, batch_stats), part["image"], train=True,
+                              rngs={"dropout": rng}, mutable=["batch_stats"] if has_bn else False)
+            logits, updates = out if has_bn else (out, {})
+            loss = optim.cross_entropy_loss(logits, part["label"], num_classes, label_smoothing).mean()
+            return loss, (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    top1 = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        top1 = jnp.mean((jnp.argmax(logits, -1) == part["label"]).astype(jnp.float32))
+        return grads, loss, top1, updates.get("batch_stats", batch_stats)
+
+    if micro_batches == 1:
+        grads, loss, top1, batch_stats = gradients(state.batch_stats, batch, rng)
+    else:
+        parts = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+
+        def accumulate(carry, part_and_index):
+            total, stats = carry
+            part, j = part_and_index
+            grads, loss, top1, stats = gradients(stats, part, jax.random.fold_in(rng, j))
+            return (jax.tree.map(jnp.add, total, grads), stats), (loss, top1)
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (total, batch_stats), (losses, top1s) = jax.lax.scan(
+            accumulate, (zeros, state.batch_stats), (parts, jnp.arange(micro_batches)))
+        grads, loss, top1 = jax.tree.map(lambda g: g / micro_batches, total), losses.mean(), top1s.mean()
     if axis_name is not None:
         grads, loss, top1 = jax.lax.pmean((grads, loss, top1), axis_name)
-    new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return new_state, {"loss": loss, "top1": top1}
 
 
@@ -137,7 +163,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
     if config.run.parallelism == "shard_map" and model.batch_norm:
         model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)  # per-device BN statistics averaged over the batch
     step = functools.partial(train_step, model=model, num_classes=num_classes,
-                             label_smoothing=config.optim.label_smoothing)
+                             label_smoothing=config.optim.label_smoothing,
+                             micro_batches=config.optim.grad_accum_steps)
     if config.run.parallelism == "shard_map":
         # check_vma=False gives per-device gradients of the local loss (pmap semantics), averaged explicitly
         # with pmean; with the checker on, JAX would already psum the gradients of the replicated parameters.
@@ -176,8 +203,9 @@ def make_eval_step(model: models.NIN, num_classes: int, mesh: jax.sharding.Mesh,
     return jax.jit(step, in_shardings=(repl, data), out_shardings=repl)
 
 
-def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) -> dict[str, float]:
-    """One pass over `batches`: eval/loss, eval/top1, eval/top5 and eval/num_examples."""
+def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict],
+             prefix: str = "eval/") -> dict[str, float]:
+    """One pass over `batches`: eval/loss, eval/top1, eval/top5 and eval/num_examples (names after `prefix`)."""
     total, run_ahead = None, mesh_lib.RunAheadBound()  # on CPU host devices, unbounded dispatch can deadlock
     for batch in batches:
         m = p_eval_step(state, batch)
@@ -185,8 +213,8 @@ def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterable[dict]) 
         total = m if total is None else total.merge(m)
     if total is None:
         raise ConfigError("the evaluation split is empty; check config.eval_split.")
-    out = {f"eval/{k}": float(v) for k, v in total.compute().items()}
-    out["eval/num_examples"] = int(total.loss.count)
+    out = {f"{prefix}{k}": float(v) for k, v in total.compute().items()}
+    out[f"{prefix}num_examples"] = int(total.loss.count)
     return out
 
 
@@ -216,6 +244,7 @@ class Trainer:
     writer: metric_writers.MetricWriter
     window: TrainMetrics | None  # the training metrics since the last log line
     flops_per_image: float  # analytic model FLOPs of a training step, per image
+    evals: tuple[config_lib.Evaluation, ...]  # config.eval_split's, then config.run.evals'
     results: dict[str, Any] = dataclasses.field(default_factory=dict)  # what results.json reports
     losses: list[tuple[int, jax.Array]] = dataclasses.field(default_factory=list)  # (step, loss) not yet checked
 
@@ -223,6 +252,11 @@ class Trainer:
 def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Trainer:
     """Data, model, compiled steps and the state to start from (restored, or fresh from `config.seed`)."""
     mesh = mesh_lib.create_mesh()
+    if config.optim.grad_accum_steps > 1:  # each micro-batch splits over the devices as a whole batch does
+        data.check_batch_layout(mesh_lib.data_sharding(mesh), config.batch_size // config.optim.grad_accum_steps,
+                                "config.batch_size / config.optim.grad_accum_steps")
+    if config.init_from:
+        finetune.check(config)
     recorded = run_record.load(session.path)  # a run normalises with the statistics saved at its first start
     pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh),
                              normalizer=None if recorded is None else recorded.normalizer)
@@ -230,6 +264,10 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
     model = models.create_model(config.model, info.num_classes, dtype=compute_dtype(config),
                                 layers=cpu_layers.model_layers(config.run.cpu_kernels))
     rows = models.model_layer_table(model, info.image_shape)  # raises if the blocks shrink the images to nothing
+    evals = config_lib.evaluations(config)
+    for e in evals[1:]:  # a bad split fails now, not at the first evaluation
+        print(f"Evaluation {e.name!r}: {pipeline.num_examples(e.split, 'config.run.evals')} examples of {e.split!r} "
+              f"every {e.every_steps} steps", flush=True)
     num_steps = config_lib.total_train_steps(config, pipeline.steps_per_epoch)
     lr_fn = optim.create_learning_rate_fn(config, pipeline.steps_per_epoch, num_steps)
     session.record(pipeline.steps_per_epoch)
@@ -238,11 +276,16 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
 
     restored = session.restore(abstract_train_state(config, model, info.image_shape, lr_fn, mesh))
     step, window = 0, None
+    results = {}
     if restored is None:
         state = create_train_state(config, model, info.image_shape, lr_fn, mesh)
+        if config.init_from:
+            state, results["init_from"] = finetune.initialize(config, state, model, mesh)
     else:
         state, meta, step = restored
         window = _window_from_meta(meta)
+        if "init_from" in meta:
+            results["init_from"] = meta["init_from"]
         print(f"Resuming from checkpoint step {step} in {session.manager.directory}", flush=True)
     if session.extended_from is not None and step > 0:
         old_lr = optim.create_learning_rate_fn(session.saved, pipeline.steps_per_epoch, session.extended_from)
@@ -261,14 +304,17 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
         config, mesh, pipeline, model, state, step, num_steps, lr_fn,
         make_train_step(config, model, info.num_classes, mesh, pipeline.device_normalize),
         make_eval_step(model, info.num_classes, mesh, pipeline.device_normalize),
-        session.manager, writer, window, architectures.train_flops_per_image(rows))
+        session.manager, writer, window, architectures.train_flops_per_image(rows), evals, results)
 
 
 def train(t: Trainer, session: workdir_lib.Session) -> None:
     """Steps from `t.step` to `t.num_steps`; a log line, a checkpoint and an evaluation at their cadences."""
     run = t.config.run
-    if t.step > 0 and _eval_due(t) and not (t.manager.metrics(t.step) or {}).get(checkpointing.BEST_METRIC):
-        evaluate_and_log(t)  # the run stopped between this checkpoint and its evaluation
+    if t.step > 0 and t.step in t.manager.all_steps():  # stopped between this checkpoint and its evaluations?
+        attached = t.manager.metrics(t.step) or {}
+        missing = [e for e in _due_evals(t) if f"{e.prefix}top1" not in attached]
+        if missing:
+            evaluate_and_log(t, missing)
     hooks = []
     if run.profile and session.is_chief:
         hooks.append(periodic_actions.Profile(num_profile_steps=5, logdir=str(session.path)))
@@ -292,17 +338,18 @@ def train(t: Trainer, session: workdir_lib.Session) -> None:
             if t.step % run.checkpoint_every_steps == 0 or last or stop:
                 with timer.paused():
                     save_checkpoint(t)
-            if _eval_due(t):
+            due = _due_evals(t)
+            if due:
                 with timer.paused():
-                    evaluate_and_log(t)
+                    evaluate_and_log(t, due)
             session.check_lock(t.step)
             if stop:
                 raise session.stop(t.step)
     t.results["train/img_per_sec"] = timer.images_per_second()
 
 
-def _eval_due(t: Trainer) -> bool:
-    return t.step % t.config.run.eval_every_steps == 0 or t.step == t.num_steps
+def _due_evals(t: Trainer) -> list[config_lib.Evaluation]:
+    return [e for e in t.evals if t.step % e.every_steps == 0 or t.step == t.num_steps]
 
 
 class Stopwatch:
@@ -381,7 +428,8 @@ def save_checkpoint(t: Trainer) -> None:
         _stop_nonfinite(t, f"the parameters became non-finite at step {t.step} (its loss was finite)")
     window = {} if t.window is None else {
         k: [float(getattr(t.window, k).total), int(getattr(t.window, k).count)] for k in ("loss", "top1")}
-    meta = {"step": t.step, "train_metrics_window": window, **t.pipeline.data_position(t.step)}
+    meta = {"step": t.step, "train_metrics_window": window, **t.pipeline.data_position(t.step),
+            **{k: t.results[k] for k in ("init_from",) if k in t.results}}
     checkpointing.save(t.manager, t.step, t.state, meta)
 
 
@@ -394,21 +442,25 @@ def _window_from_meta(meta: dict) -> TrainMetrics | None:
         k: metrics.Average(total=jnp.float32(total), count=jnp.int32(count)) for k, (total, count) in window.items()})
 
 
-def evaluate_and_log(t: Trainer) -> None:
-    """Evaluates `t.state` once its checkpoint is committed, logs eval/*, and attaches eval/top1 to the
-    checkpoint of this step (if one was saved) for the best-checkpoint choice."""
+def evaluate_and_log(t: Trainer, evals: Iterable[config_lib.Evaluation]) -> None:
+    """Runs `evals` on `t.state` once its checkpoint is committed, logs their metrics, and attaches them to the
+    checkpoint of this step (if one was saved), which `config.run.best_metric` ranks."""
     t.manager.wait_until_finished()
-    ev = evaluate(t.eval_step, t.state, t.pipeline.eval_batches(normalize=False))
-    t.writer.write_scalars(t.step, {k: v for k, v in ev.items() if k != "eval/num_examples"})
-    t.results.update(ev)
+    scores = {}
+    for e in evals:
+        ev = evaluate(t.eval_step, t.state, t.pipeline.eval_batches(e.split, normalize=False), e.prefix)
+        t.results.update(ev)
+        scores.update({k: v for k, v in ev.items() if not k.endswith("num_examples")})
+    t.writer.write_scalars(t.step, scores)
     if t.step in t.manager.all_steps():
-        checkpointing.attach_metrics(t.manager, t.step, {checkpointing.BEST_METRIC: ev["eval/top1"]})
+        checkpointing.attach_metrics(t.manager, t.step, {**(t.manager.metrics(t.step) or {}), **scores})
 
 
 def finish(t: Trainer, session: workdir_lib.Session, wall_start: float, resumed_from: int | None) -> dict[str, Any]:
     """The run's results.json: the last train/* and eval/* metrics, throughput, size and config."""
-    if "eval/top1" not in t.results:  # resumed from the final checkpoint of a run that died before its results
-        evaluate_and_log(t)
+    missing = [e for e in t.evals if f"{e.prefix}top1" not in t.results]
+    if missing:  # resumed from the final checkpoint of a run that died before its results
+        evaluate_and_log(t, missing)
     if "train/loss" not in t.results and session.jsonl is not None:  # idem: its last logged training metrics
         t.results.update(session.jsonl.last_train_row())
     t.results.setdefault("train/img_per_sec", float("nan"))

@@ -31,7 +31,7 @@ def _batch(seed=0, n=16):
             "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32)}
 
 
-def _run_one_step(config, devices, steps=1):
+def _run_one_step(config, devices, steps=1, rows=16):
     mesh = mesh_lib.create_mesh(devices)
     model = models.create_model(config.model, NUM_CLASSES)
     lr_fn = optim.create_learning_rate_fn(config, steps_per_epoch=10, total_steps=100)
@@ -39,7 +39,7 @@ def _run_one_step(config, devices, steps=1):
     step = train.make_train_step(config, model, NUM_CLASSES, mesh)
     losses = []
     for i in range(steps):
-        batch = jax.device_put(_batch(i), mesh_lib.data_sharding(mesh))
+        batch = jax.device_put(_batch(i, rows), mesh_lib.data_sharding(mesh))
         state, m = step(state, batch)
         losses.append(float(m.loss.compute()))
     return jax.device_get(state.params), jax.device_get(state.batch_stats), losses
@@ -68,6 +68,40 @@ def test_jit_and_shard_map_steps_agree():
     np.testing.assert_allclose(lj, ls, rtol=1e-5)
     _assert_trees_close(pj, ps)
     _assert_trees_close(sj, ss)
+
+
+@pytest.mark.parametrize("parallelism", ["jit", "shard_map"])
+def test_accumulating_four_micro_batches_updates_as_one_large_batch(parallelism):
+    # 32 rows on 8 devices: 4 micro-batches of 8, one row per device each. Without BatchNorm and dropout the
+    # accumulated step is the large batch's up to float rounding.
+    base = dict(**{"model.dropout_rate": 0.0, "model.batch_norm": False}, batch_size=32, run__parallelism=parallelism)
+    p1, _, l1 = _run_one_step(small_config(**base), jax.devices(), steps=2, rows=32)
+    p4, _, l4 = _run_one_step(small_config(**base, optim__grad_accum_steps=4), jax.devices(), steps=2, rows=32)
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    _assert_trees_close(p1, p4)
+
+
+def test_accumulation_with_batchnorm_is_the_same_on_one_device_and_on_eight():
+    # Each micro-batch is normalised by its own statistics (over all devices), so the step does not depend on
+    # how the rows are spread over devices: dropout off, as its masks are drawn per device layout.
+    config = small_config(**{"model.dropout_rate": 0.0}, batch_size=32, optim__grad_accum_steps=2)
+    p1, s1, l1 = _run_one_step(config, jax.devices()[:1], steps=2, rows=32)
+    p8, s8, l8 = _run_one_step(config, jax.devices(), steps=2, rows=32)
+    np.testing.assert_allclose(l1, l8, rtol=1e-5)
+    _assert_trees_close(p1, p8)
+    _assert_trees_close(s1, s8)
+    one = _run_one_step(small_config(**{"model.dropout_rate": 0.0}, batch_size=32), jax.devices(), steps=2, rows=32)
+    assert not np.allclose(jax.tree.leaves(one[1])[0], jax.tree.leaves(s8)[0])  # BN saw micro-batches
+
+
+def test_an_accumulation_that_does_not_divide_the_batch_is_rejected_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config.optim.grad_accum_steps=3 does not divide config.batch_size=128 "
+                       r"into equal micro-batches; set e.g. --config.optim.grad_accum_steps=2.$"):
+        train.train_and_evaluate(small_config(batch_size=128, optim__grad_accum_steps=3), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"config.batch_size / config.optim.grad_accum_steps=4 must be a positive "
+                       r"multiple of the number of processes \(1\) and of the number of devices on the data axis \(8\)"):
+        train.train_and_evaluate(small_config(batch_size=16, optim__grad_accum_steps=4), str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists() or not any((tmp_path / "b").iterdir())
 
 
 @pytest.mark.parametrize("parallelism", ["jit", "shard_map"])
