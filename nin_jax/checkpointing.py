@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the training state: asynchronous saves, the latest N plus the best by eval/top1, and
+"""Orbax checkpoints of the training state: asynchronous saves, the latest N plus the best by a metric, and
 restores verified against a SHA-256 digest of the arrays.
 
 A step directory holds `state` (the TrainState arrays) and `meta` (JSON: step, data position, digest). Orbax
@@ -17,7 +17,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-BEST_METRIC = "eval/top1"
+BEST_METRIC = "eval/top1"  # the default of config.run.best_metric
+
+
+def metric_score(name: str) -> Any:
+    """Checkpoint metrics -> a score, higher is better: `name`'s value (negated for a loss), -inf without it."""
+    sign = -1.0 if name.endswith("loss") else 1.0
+    return lambda metrics: sign * float(metrics[name]) if name in (metrics or {}) else -float("inf")
 DIGEST_KEY = "state_sha256"  # in each step's meta
 
 
@@ -39,19 +45,20 @@ def _handler_registry() -> Any:
         (np.ndarray, th.NumpyHandler()), (jax.Array, th.ArrayHandler(use_replica_parallel=False)))
 
 
-def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    """A manager keeping the latest `keep` steps and the one with the best `BEST_METRIC`."""
+def create_manager(directory: str | epath.Path, *, keep: int, read_only: bool = False,
+                   best_metric: str = BEST_METRIC) -> ocp.CheckpointManager:
+    """A manager keeping the latest `keep` steps and the one with the best `best_metric` (a loss: the lowest)."""
+    score = metric_score(best_metric)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
         ocp.checkpoint_managers.LatestN(n=keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
-                                      keep_checkpoints_without_metrics=False),
+        ocp.checkpoint_managers.BestN(get_metric_fn=score, n=1, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=not read_only, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only, save_interval_steps=0 if read_only else 1,
         # Orbax writes a step's metrics to disk only when best_fn is set: without it the best step is forgotten
         # on resume (BestN then sees no metrics) and `evaluate --checkpoint=best` cannot find it.
-        best_fn=lambda m: m[BEST_METRIC], best_mode="max",
+        best_fn=score, best_mode="max",
     )
     handlers = {"state": ocp.PyTreeCheckpointHandler(type_handler_registry=_handler_registry()),
                 "meta": ocp.JsonCheckpointHandler()}

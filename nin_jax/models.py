@@ -218,6 +218,15 @@ def output_layer_path(model: NIN) -> tuple[str, ...]:
     return (f"block{len(specs)}", f"mlp{n_mlp}" if n_mlp else "conv")
 
 
+def class_count_paths(model: NIN) -> tuple[tuple[str, ...], ...]:
+    """Parameter paths whose shapes follow the class count: the output layer and, in a block, its BatchNorm."""
+    path = output_layer_path(model)
+    if path == ("fc",):
+        return (path,)
+    block, layer = path
+    return path, (block, f"bn{layer.removeprefix('mlp') if layer != 'conv' else 0}")
+
+
 def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int, *, dtype: Any = jnp.float32,
                  layers: Layers = Layers(), bn_axis_name: str | None = None) -> NIN:
     """The NIN described by `config.model` for `num_classes` classes, built from `layers`; bad fields raise

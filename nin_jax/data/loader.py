@@ -442,6 +442,10 @@ class Pipeline:
         return prefetch.prefetch(_ahead(host_batches()), self._sharding, batch,
                                  self._on_device(with_raw, normalize))
 
+    def num_examples(self, split: str, field: str = "config.eval_split") -> int:
+        """The examples of evaluation split ``split`` (the value of config ``field``, named by a bad split's error)."""
+        return len(self._open_eval(split, field))
+
     @property
     def transfer_dtype(self) -> type:
         """dtype of the images of batches taken with ``normalize=False``: uint8 for large images, else float32."""
@@ -484,8 +488,8 @@ class Pipeline:
             raise ValueError("this Pipeline was built with train=False and has no training split")
         return self._train
 
-    def _open_eval(self, split: str) -> Any:
-        return self._path.normalize(self._path.open(split, "config.eval_split"), self.normalizer)
+    def _open_eval(self, split: str, field: str = "config.eval_split") -> Any:
+        return self._path.normalize(self._path.open(split, field), self.normalizer)
 
     def _fit_normalizer(self, train: Any) -> preprocessing.Normalizer:
         config = self._config

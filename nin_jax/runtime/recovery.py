@@ -29,7 +29,7 @@ from nin_jax import checkpointing
 from nin_jax.config import ConfigError
 from nin_jax.runtime.record import exception_chain
 
-CHOICES = "latest | best | a step number"
+CHOICES = "latest | best | best:<metric> | a step number"
 # Attempts and first backoff (doubled each time) for reads that fail with a possibly transient error.
 RESTORE_ATTEMPTS = 4
 RESTORE_BACKOFF_S = 1.0
@@ -99,18 +99,22 @@ def read_step(mngr: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any,
     raise AssertionError("unreachable")
 
 
-def select_step(mngr: ocp.CheckpointManager, checkpoint: str) -> int:
-    """The saved step that `checkpoint` (latest | best | a step number) names."""
+def select_step(mngr: ocp.CheckpointManager, checkpoint: str, best_metric: str = checkpointing.BEST_METRIC) -> int:
+    """The saved step that `checkpoint` (`CHOICES`) names; `best` ranks by `best_metric`, `best:<metric>` by
+    that metric (e.g. best:eval/test/top1)."""
     steps, checkpoint = sorted(mngr.all_steps()), str(checkpoint)
+    if checkpoint.startswith("best:"):
+        checkpoint, best_metric = "best", checkpoint.removeprefix("best:")
     if not steps:
         raise ConfigError(f"no checkpoint in {mngr.directory}: the run has not saved one yet (train longer, or "
                           "lower config.run.checkpoint_every_steps).")
     if checkpoint == "latest":
         return steps[-1]
     if checkpoint == "best":
-        scored = [(m, s) for s in steps if (m := _saved_metric(mngr, s)) is not None]
+        score = checkpointing.metric_score(best_metric)
+        scored = [(score(m), s) for s in steps if (m := _saved_metrics(mngr, s)) and best_metric in m]
         if not scored:
-            raise ConfigError(f"no checkpoint in {mngr.directory} carries {checkpointing.BEST_METRIC}; use "
+            raise ConfigError(f"no checkpoint in {mngr.directory} carries {best_metric}; use "
                               "--checkpoint=latest.")
         return max(scored)[1]
     if checkpoint.isdigit():
@@ -120,16 +124,16 @@ def select_step(mngr: ocp.CheckpointManager, checkpoint: str) -> int:
     raise ConfigError(f"--checkpoint={checkpoint!r}; choose {CHOICES}.")
 
 
-def _saved_metric(mngr: ocp.CheckpointManager, step: int) -> float | None:
+def _saved_metrics(mngr: ocp.CheckpointManager, step: int) -> dict:
     try:
-        value = (mngr.metrics(step) or {}).get(checkpointing.BEST_METRIC)
+        return mngr.metrics(step) or {}
     except Exception:  # noqa: BLE001 — a damaged metrics file: the step cannot be "best"
-        return None
-    return None if value is None else float(value)
+        return {}
 
 
 def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest", *, move_aside: bool = False,
-            warn: Callable[[str], None] | None = None) -> tuple[Any, dict, int] | None:
+            warn: Callable[[str], None] | None = None,
+            best_metric: str = checkpointing.BEST_METRIC) -> tuple[Any, dict, int] | None:
     """Restores (state, meta, step) of `checkpoint` onto `target`'s shapes and shardings; None if training
     finds no step (`move_aside`); every other caller gets a `ConfigError` then.
 
@@ -141,7 +145,7 @@ def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest"
     if move_aside and not mngr.all_steps():
         return None
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
-    chosen = select_step(mngr, checkpoint)
+    chosen = select_step(mngr, checkpoint, best_metric)
     failures: list[tuple[int, str]] = []
     for step in [chosen] + sorted((s for s in mngr.all_steps() if s < chosen), reverse=True):
         try:

@@ -101,9 +101,11 @@ class Session:
         self.extended_from = record.record_config(self.config, self.saved, self._changed, self.path, steps_per_epoch)
 
     def restore(self, target: Any) -> tuple[Any, dict, int] | None:
-        """The checkpoint manager (latest `config.run.keep_checkpoints` plus the best) and the newest readable
-        checkpoint restored onto `target`, damaged newer ones moved aside; None for a fresh run."""
-        self.manager = checkpointing.create_manager(self.path / "checkpoints", keep=self.config.run.keep_checkpoints)
+        """The checkpoint manager (latest `config.run.keep_checkpoints` plus the best by `config.run.best_metric`)
+        and the newest readable checkpoint restored onto `target`, damaged newer ones moved aside; None for a
+        fresh run."""
+        self.manager = checkpointing.create_manager(self.path / "checkpoints", keep=self.config.run.keep_checkpoints,
+                                                    best_metric=self.config.run.best_metric)
         return recovery.restore(self.manager, target, move_aside=True)
 
     def writer(self, start_step: int) -> metric_writers.MetricWriter:

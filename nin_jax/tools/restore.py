@@ -117,7 +117,8 @@ def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: 
     with recovery.reading_quietly():
         mngr = checkpointing.create_manager(ckpt_dir, keep=1, read_only=True)
         try:
-            state, _, step = recovery.restore(mngr, target, str(checkpoint), warn=warn)
+            state, _, step = recovery.restore(mngr, target, str(checkpoint), warn=warn,
+                                              best_metric=config.run.best_metric)
         finally:
             mngr.close()
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
