@@ -1,11 +1,13 @@
 """Fine-tuning: a run that starts from the weights of another run (`config.init_from`, that run's workdir).
 
 Every parameter and BatchNorm statistic comes from the other run's checkpoint `config.init_checkpoint`
-(latest | best | a step) where name and shape agree. The class-map layer and its BatchNorm
-(`models.class_count_paths`) start fresh when their shapes differ, i.e. for another class count (or, with an FC head, another image size); any
-other difference is another architecture and is refused. The optimiser starts fresh at step 0 of this run's
-schedule, and this run's own preprocessing is fitted to its own data. Once the run has saved a checkpoint, a
-rerun resumes from it and `init_from` is not read again. Both fields belong to the experiment's identity.
+(latest | best | a step) where name and shape agree: its weights' moving average when that run kept one
+(`config.optim.ema_decay`); this run's own average, if it keeps one, starts from the same weights. The
+class-map layer and its BatchNorm (`models.class_count_paths`) start fresh when their shapes differ, i.e. for
+another class count (or, with an FC head, another image size); any other difference is another architecture
+and is refused. The optimiser starts fresh at step 0 of this run's schedule, and this run's own preprocessing
+is fitted to its own data. Once the run has saved a checkpoint, a rerun resumes from it and `init_from` is not
+read again. Both fields belong to the experiment's identity.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -86,4 +89,7 @@ def initialize(config: ml_collections.ConfigDict, state: Any, model: models.NIN,
           f"{taken:,} parameters taken" + (f", {', '.join(fresh + fresh_stats)} initialised fresh" if fresh else ""),
           flush=True)
     summary = {"workdir": str(config.init_from), "step": step, "fresh": fresh + fresh_stats}
-    return state.replace(params=params, batch_stats=stats), summary
+    state = state.replace(params=params, batch_stats=stats)
+    if hasattr(state, "ema"):  # this run's moving average starts from the same weights
+        state = state.replace(ema=jax.tree.map(jnp.copy, {"params": params, "batch_stats": stats}))
+    return state, summary

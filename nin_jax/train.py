@@ -43,6 +43,28 @@ class TrainState(train_state.TrainState):
     rng: jax.Array
 
 
+class EMATrainState(TrainState):
+    """A `TrainState` with the moving average of the weights (`{"params", "batch_stats"}`) of a run with
+    `config.optim.ema_decay` > 0. A class of its own, so that the checkpoints of runs without one keep exactly
+    the arrays (and tree) they always had."""
+
+    ema: Any
+
+
+def inference_variables(state: TrainState) -> dict[str, Any]:
+    """What evaluation applies the model with: the weights' moving average when the run keeps one."""
+    if isinstance(state, EMATrainState):
+        return models.variables(state.ema["params"], state.ema["batch_stats"])
+    return models.variables(state.params, state.batch_stats)
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay of the average's update at `step` (after that many updates): `decay`, but at most
+    (1 + step) / (10 + step), so the first steps' average is not dominated by the initial weights."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
@@ -74,10 +96,13 @@ def _init_fn(config, model: models.NIN, image_shape, learning_rate_fn) -> tuple[
     def init(rng: jax.Array) -> TrainState:
         params_rng, dropout_rng = jax.random.split(rng)
         variables = init_variables(params_rng)
-        return TrainState.create(
-            apply_fn=model.apply, params=variables["params"], tx=tx,
-            batch_stats=variables.get("batch_stats", {}), rng=jax.random.key_data(dropout_rng),
-        )
+        params, batch_stats = variables["params"], variables.get("batch_stats", {})
+        fields = dict(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
+                      rng=jax.random.key_data(dropout_rng))
+        if config.optim.ema_decay > 0:
+            return EMATrainState.create(**fields, ema=jax.tree.map(jnp.copy, {"params": params,
+                                                                             "batch_stats": batch_stats}))
+        return TrainState.create(**fields)
 
     return init, tx
 
@@ -100,8 +125,12 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: models.NIN, i
 
 
 def train_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes: int, label_smoothing: float,
-               micro_batches: int = 1, axis_name: str | None = None) -> tuple[TrainState, dict]:
+               micro_batches: int = 1, ema_decay: float = 0.0,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
     """One SGD step. With `axis_name`, runs per device and averages gradients/metrics over that axis.
+
+    When the state keeps a moving average of the weights, it moves towards the updated weights by
+    1 - `ema_decay_at(ema_decay, step)`.
 
     With `micro_batches` k > 1 the batch's gradient is accumulated over k sequential micro-batches of a k-th of
     its rows (rows j, j+k, j+2k, ... form micro-batch j, so each device keeps its own rows), and the mean of
@@ -144,6 +173,10 @@ def train_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes
     if axis_name is not None:
         grads, loss, top1 = jax.lax.pmean((grads, loss, top1), axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if isinstance(state, EMATrainState):
+        d = ema_decay_at(ema_decay, new_state.step)
+        current = {"params": new_state.params, "batch_stats": new_state.batch_stats}
+        new_state = new_state.replace(ema=jax.tree.map(lambda e, x: d * e + (1.0 - d) * x, state.ema, current))
     return new_state, {"loss": loss, "top1": top1}
 
 
@@ -164,7 +197,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
         model = model.clone(bn_axis_name=mesh_lib.DATA_AXIS)  # per-device BN statistics averaged over the batch
     step = functools.partial(train_step, model=model, num_classes=num_classes,
                              label_smoothing=config.optim.label_smoothing,
-                             micro_batches=config.optim.grad_accum_steps)
+                             micro_batches=config.optim.grad_accum_steps, ema_decay=config.optim.ema_decay)
     if config.run.parallelism == "shard_map":
         # check_vma=False gives per-device gradients of the local loss (pmap semantics), averaged explicitly
         # with pmean; with the checker on, JAX would already psum the gradients of the replicated parameters.
@@ -181,8 +214,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.NIN, num_cl
 
 
 def eval_step(state: TrainState, batch: dict, *, model: models.NIN, num_classes: int) -> EvalMetrics:
-    """Metrics of one (possibly padded) eval batch; padded examples have mask 0 and do not count."""
-    logits = model.apply(models.variables(state.params, state.batch_stats), batch["image"], train=False)
+    """Metrics of one (possibly padded) eval batch, by `inference_variables`; padded examples have mask 0 and do
+    not count."""
+    logits = model.apply(inference_variables(state), batch["image"], train=False)
     loss = optim.cross_entropy_loss(logits, batch["label"], num_classes)
     top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
     label = batch["label"][:, None]
@@ -299,6 +333,8 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
     print(f"{config.model.arch}: {models.count_params(state.params):,} params, {jax.device_count()} devices on "
           f"{jax.process_count()} process(es), {num_steps} steps ({pipeline.steps_per_epoch}/epoch) of batch "
           f"{config.batch_size}", flush=True)
+    if config.optim.ema_decay > 0:
+        print(f"Evaluations use the weights' moving average (decay {config.optim.ema_decay}).", flush=True)
     # Large images travel as uint8 and are normalised inside the compiled steps, on the accelerator.
     return Trainer(
         config, mesh, pipeline, model, state, step, num_steps, lr_fn,

@@ -2,9 +2,10 @@
 
 Small images (in-memory datasets) are decoded whole with PIL. Large images are decoded per example to
 ``size x size``: an Inception-style random-resized crop (+ flip) for training, "resize the short side to
-``eval_resize``, center-crop ``size``" for evaluation. PIL reads the header (size, format); OpenCV decodes
-(libjpeg-turbo: the same pixels as PIL) at 1/2, 1/4 or 1/8 scale whenever the crop still keeps ``size`` pixels
-and resizes only the crop. Per image this costs about half of PIL's decode + antialiased resize, and both
+``eval_resize`` (or warp to eval_resize x eval_resize), center-crop ``size``" for evaluation, optionally with
+the 4 corner crops and the flips too (`decode_eval_crops`; docs/evaluation.md). PIL reads the header (size,
+format); OpenCV decodes (libjpeg-turbo: the same pixels as PIL) at 1/2, 1/4 or 1/8 scale whenever the crop
+still keeps ``size`` pixels and resizes only the crop. Per image this costs about half of PIL's decode + antialiased resize, and both
 calls release the GIL (measurements in docs/input.md).
 
 Both decoders give the same pixels for every image they accept: grayscale is repeated into RGB for a colour
@@ -24,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from nin_jax.config import ConfigError
+from nin_jax.config import EVAL_RESIZE_MODES, ConfigError
 
 # PIL modes of one-channel images; "I;16*" are 16-bit grayscale (PNG, TIFF).
 GRAY_MODES = ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I;16N")
@@ -158,6 +159,28 @@ def center_box(width: int, height: int, size: int, resize: int) -> Box:
     return x0, y0, x0 + side, y0 + side
 
 
+EVAL_CROPS = (1, 10)  # the center crop; the 4 corner crops + the center crop, each also flipped
+
+
+def eval_boxes(width: int, height: int, size: int, resize: int, mode: str = "short_side", *,
+               corners: bool = False) -> list[Box]:
+    """Boxes in the original image that evaluation's size x size crops read: the image resized first (``mode``
+    short_side: its short side to ``resize``, aspect kept; square: warped to resize x resize), then the center
+    crop, and with ``corners`` also the top-left, top-right, bottom-left and bottom-right crops (in that order).
+
+    The first box of short_side is `center_box`. A crop larger than the resized image is the whole resized side.
+    """
+    if mode not in EVAL_RESIZE_MODES:
+        raise ConfigError(f"config.augment.eval_resize_mode={mode!r} must be one of {', '.join(EVAL_RESIZE_MODES)}")
+    f = min(size / resize, 1.0)
+    bw, bh = (width * f, height * f) if mode == "square" else (min(width, height) * f,) * 2
+    x0, y0 = (width - bw) / 2, (height - bh) / 2
+    boxes = [(x0, y0, x0 + bw, y0 + bh)]
+    if corners:
+        boxes += [(x, y, x + bw, y + bh) for y in (0.0, height - bh) for x in (0.0, width - bw)]
+    return boxes
+
+
 def _dct_scale(width: int, height: int, box: Box, size: int) -> int:
     """The largest of 1, 2, 4, 8 by which libjpeg may shrink the image while the crop keeps ``size`` pixels."""
     wanted_w = math.ceil(width * size / (box[2] - box[0]))
@@ -183,13 +206,47 @@ def decode_crop(
     rng: np.random.Generator | None,
     flip: bool,
     eval_resize: int,
+    eval_resize_mode: str = "short_side",
 ) -> np.ndarray:
-    """Decodes one large image to uint8 [size, size, C]: random-resized crop (+flip) if ``rng``, else center crop.
+    """Decodes one large image to uint8 [size, size, C]: random-resized crop (+flip) if ``rng``, else center crop
+    (of the image resized by ``eval_resize_mode``, see `eval_boxes`).
 
     The crop box is drawn from the header's size; JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the crop keeps
     ``size`` pixels (so the remaining resize shrinks by less than 2x) and the crop is resized with bicubic
     interpolation (area averaging beyond 2x), by libjpeg-turbo and OpenCV outside the GIL.
     """
+    encoded, width, height, is_jpeg = _read_for_crops(encoded, name)
+    if rng is not None:
+        box = random_resized_box(width, height, rng)
+    else:
+        box = eval_boxes(width, height, size, eval_resize, eval_resize_mode)[0]
+    out = _crop_boxes(encoded, name, width, height, is_jpeg, [box], size, channels)[0]
+    if rng is not None and flip and rng.random() < 0.5:
+        out = cv2.flip(out, 1)
+    return out[..., None] if channels == 1 else out
+
+
+def decode_eval_crops(encoded: bytes | str, name: str, size: int, channels: int, *, eval_resize: int,
+                      eval_resize_mode: str = "short_side", crops: int = 10) -> np.ndarray:
+    """uint8 [crops, size, size, C]: evaluation's crops of one large image, decoded once.
+
+    ``crops=1``: the center crop (`decode_crop`'s pixels); ``crops=10``: the center, top-left, top-right,
+    bottom-left and bottom-right crops of the resized image (`eval_boxes`), then the same five flipped
+    horizontally (Caffe's oversample).
+    """
+    if crops not in EVAL_CROPS:
+        raise ConfigError(f"crops={crops!r} must be one of {EVAL_CROPS}")
+    encoded, width, height, is_jpeg = _read_for_crops(encoded, name)
+    boxes = eval_boxes(width, height, size, eval_resize, eval_resize_mode, corners=crops == 10)
+    outs = _crop_boxes(encoded, name, width, height, is_jpeg, boxes, size, channels)
+    if crops == 10:
+        outs += [cv2.flip(out, 1) for out in outs]
+    out = np.stack(outs)
+    return out[..., None] if channels == 1 else out
+
+
+def _read_for_crops(encoded: bytes | str, name: str) -> tuple[bytes, int, int, bool]:
+    """(the encoded bytes, width, height, is JPEG) from the header; ConfigError naming an unusable image."""
     try:
         if isinstance(encoded, str):
             with open(encoded, "rb") as f:
@@ -202,20 +259,26 @@ def decode_crop(
         raise
     except _PIL_ERRORS as e:
         raise decode_error(name, e) from e
-    box = random_resized_box(width, height, rng) if rng is not None else center_box(width, height, size, eval_resize)
-    scale = _dct_scale(width, height, box, size) if is_jpeg else 1
+    return encoded, width, height, is_jpeg
+
+
+def _crop_boxes(encoded: bytes, name: str, width: int, height: int, is_jpeg: bool, boxes: Sequence[Box],
+                size: int, channels: int) -> list[np.ndarray]:
+    """Each box of one decode of ``encoded``, resized to size x size ([size, size] for one channel); the DCT
+    scale is chosen for the first box (evaluation's boxes all have its size)."""
+    scale = _dct_scale(width, height, boxes[0], size) if is_jpeg else 1
     image = cv2.imdecode(np.frombuffer(encoded, np.uint8), _IMREAD[channels, scale])
     if image is None:
         raise decode_error(name, ValueError("OpenCV cannot decode it"))
     sy, sx = image.shape[0] / height, image.shape[1] / width
-    x0, y0 = round(box[0] * sx), round(box[1] * sy)
-    x1, y1 = max(x0 + 1, round(box[2] * sx)), max(y0 + 1, round(box[3] * sy))
-    crop = image[y0:y1, x0:x1]
-    shrink = max(crop.shape[0], crop.shape[1]) / size
-    out = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= 2 else cv2.INTER_CUBIC)
-    if rng is not None and flip and rng.random() < 0.5:
-        out = cv2.flip(out, 1)
-    return out[..., None] if channels == 1 else out
+    outs = []
+    for box in boxes:
+        x0, y0 = round(box[0] * sx), round(box[1] * sy)
+        x1, y1 = max(x0 + 1, round(box[2] * sx)), max(y0 + 1, round(box[3] * sy))
+        crop = image[y0:y1, x0:x1]
+        shrink = max(crop.shape[0], crop.shape[1]) / size
+        outs.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink >= 2 else cv2.INTER_CUBIC))
+    return outs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,18 +289,30 @@ class CropSpec:
     channels: int
     flip: bool  # random horizontal flip of training crops
     eval_resize: int
+    eval_resize_mode: str = "short_side"  # config.augment.eval_resize_mode (see `eval_boxes`)
+    eval_crops: int = 1  # evaluation crops per example: 1, or 10 (`decode_eval_crops`)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Of one decoded example: [size, size, C], or [eval_crops, size, size, C] for multi-crop evaluation."""
+        one = (self.size, self.size, self.channels)
+        return one if self.eval_crops == 1 else (self.eval_crops, *one)
 
 
 def decode_crops(items: Sequence[tuple[bytes | str, str, int | None]], spec: CropSpec,
                  out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [n, size, size, C] of ``(encoded, name, seed)`` items, written into ``out`` if given: a seed draws
-    a random-resized crop (+ flip) from ``np.random.default_rng(seed)``, None takes the evaluation center crop.
-    Runs in decode threads or worker processes."""
+    """uint8 [n, *spec.item_shape] of ``(encoded, name, seed)`` items, written into ``out`` if given: a seed
+    draws a random-resized crop (+ flip) from ``np.random.default_rng(seed)``, None takes the evaluation center
+    crop (or ``spec.eval_crops`` crops). Runs in decode threads or worker processes."""
     if out is None:
-        out = np.empty((len(items), spec.size, spec.size, spec.channels), np.uint8)
+        out = np.empty((len(items), *spec.item_shape), np.uint8)
     for i, (encoded, name, seed) in enumerate(items):
+        if seed is None and spec.eval_crops != 1:
+            out[i] = decode_eval_crops(encoded, name, spec.size, spec.channels, eval_resize=spec.eval_resize,
+                                       eval_resize_mode=spec.eval_resize_mode, crops=spec.eval_crops)
+            continue
         out[i] = decode_crop(
             encoded, name, spec.size, spec.channels, rng=None if seed is None else np.random.default_rng(seed),
-            flip=spec.flip, eval_resize=spec.eval_resize,
+            flip=spec.flip, eval_resize=spec.eval_resize, eval_resize_mode=spec.eval_resize_mode,
         )
     return out

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nin_jax.config import ConfigError
+from nin_jax.config import EVAL_RESIZE_MODES, ConfigError
 from nin_jax.data import decode, order, prefetch, preprocessing, sources, transforms
 from nin_jax.data import workers as workers_lib
 from nin_jax.data.cache import PROCESS_CACHE, Cache
@@ -46,6 +46,14 @@ class DatasetInfo:
     num_train_examples: int | None  # None for a Pipeline built with train=False
     num_eval_examples: int
     class_names: tuple[str, ...]
+
+
+def eval_resize_mode(config: ml_collections.ConfigDict) -> str:
+    """``config.augment.eval_resize_mode`` (short_side for a config that predates it); ConfigError if unknown."""
+    mode = config.augment.get("eval_resize_mode", "short_side")
+    if mode not in EVAL_RESIZE_MODES:
+        raise ConfigError(f"config.augment.eval_resize_mode={mode!r} is unknown; choose one of {EVAL_RESIZE_MODES}")
+    return mode
 
 
 def uses_per_example(config: ml_collections.ConfigDict) -> bool:
@@ -156,7 +164,8 @@ class _InMemory:
     def submit_train(self, split: _ArraySplit, indices: np.ndarray, step: int, rows: slice) -> _Pending:
         return _Pending(lambda: self._train_examples(split, indices, step, rows))
 
-    def submit_eval(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool) -> _Pending:
+    def submit_eval(self, split: _ArraySplit, indices: np.ndarray, with_raw: bool, crops: int = 1) -> _Pending:
+        del crops  # 1: the Pipeline refuses more crops of images that are already model size
         return _Pending(lambda: self._eval_examples(split, indices, with_raw))
 
     def close(self) -> None:
@@ -217,8 +226,11 @@ class _PerExample:
         self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
         self._channels = source.channels
         self.image_shape = (self._size, self._size, self._channels)
+        self._eval_resize_mode = eval_resize_mode(config)
         self.fit_method = (f"center crops of up to {_STANDARDIZE_FIT_EXAMPLES} evenly spaced examples, short side "
                            f"resized to {config.augment.eval_resize}")
+        if self._eval_resize_mode != "short_side":  # (the default's text, and so its cached statistics, unchanged)
+            self.fit_method += f", eval_resize_mode {self._eval_resize_mode}"
 
     def open(self, split: str, field: str) -> _ExampleSplit:
         selection = sources.select(self._source, split, field)
@@ -237,10 +249,11 @@ class _PerExample:
     def submit_train(self, split: _ExampleSplit, indices: np.ndarray, step: int, rows: slice) -> _Pending:
         return self._submit(split, indices, order.example_seeds(self._config.seed, step, self._config.batch_size)[rows])
 
-    def submit_eval(self, split: _ExampleSplit, indices: np.ndarray, with_raw: bool) -> _Pending:
-        return self._submit(split, indices, None)  # the raw images are the uint8 batch itself (see Pipeline)
+    def submit_eval(self, split: _ExampleSplit, indices: np.ndarray, with_raw: bool, crops: int = 1) -> _Pending:
+        return self._submit(split, indices, None, crops)  # the raw images are the uint8 batch itself (see Pipeline)
 
-    def _submit(self, split: _ExampleSplit, indices: np.ndarray, seeds: np.ndarray | None) -> _Pending:
+    def _submit(self, split: _ExampleSplit, indices: np.ndarray, seeds: np.ndarray | None,
+                crops: int = 1) -> _Pending:
         if self._pool is None:
             self._pool = workers_lib.DecodePool(self._workers)
         if any(examples.io_bound for examples in split.examples):
@@ -250,7 +263,7 @@ class _PerExample:
         seeds = [None] * len(reads) if seeds is None else [int(s) for s in seeds]
         items = [(encoded, name, seed) for (encoded, _, name), seed in zip(reads, seeds)]
         spec = decode.CropSpec(self._size, self._channels, bool(self._config.augment.flip),
-                               self._config.augment.eval_resize)
+                               self._config.augment.eval_resize, self._eval_resize_mode, crops)
         labels = np.array([label for _, label, _ in reads], np.int32)
         pending = self._pool.submit(items, spec)
         return _Pending(lambda: {"image": pending.result(), "label": labels}, pending.cancel)
@@ -321,6 +334,7 @@ class Pipeline:
             raise ConfigError(
                 f"config.preprocess={config.preprocess!r} is unknown; choose one of {preprocessing.PREPROCESS_CHOICES}"
             )
+        eval_resize_mode(config)  # a known mode
         if config.augment.pad_mode not in transforms.PAD_MODES:
             raise ConfigError(f"config.augment.pad_mode={config.augment.pad_mode!r} is unknown; choose one of "
                               f"{transforms.PAD_MODES}")
@@ -421,13 +435,19 @@ class Pipeline:
         return prefetch.prefetch(_ahead(host_batches()), self._sharding, config.batch_size,
                                  self._on_device(False, normalize))
 
-    def eval_batches(self, split: str | None = None, *, with_raw: bool = False,
-                     normalize: bool = True) -> Iterator[dict[str, jax.Array]]:
+    def eval_batches(self, split: str | None = None, *, with_raw: bool = False, normalize: bool = True,
+                     crops: int = 1) -> Iterator[dict[str, jax.Array]]:
         """One pass over ``split`` (default config.eval_split), every example exactly once.
 
         Yields {'image', 'label', 'mask'} (+ 'raw' uint8 images if ``with_raw``); the last batch is padded
-        with mask 0. ``normalize=False``: as in `train_batches`.
+        with mask 0. ``normalize=False``: as in `train_batches`. ``crops=10`` (large images only): 'image' is
+        [B, 10, H, W, C], each example's `decode.decode_eval_crops` (4 corners + center, and their flips).
         """
+        if crops not in decode.EVAL_CROPS:
+            raise ConfigError(f"crops={crops!r} must be one of {decode.EVAL_CROPS}")
+        if crops != 1 and self._table is None:
+            raise ConfigError(f"crops={crops} is for large images decoded per example; {self._config.dataset} "
+                              "images are already the model's input size")
         opened = self._open_eval(split or self._config.eval_split)
         batch = self._config.run.eval_batch_size
 
@@ -436,7 +456,7 @@ class Pipeline:
                 indices, mask = order.eval_indices(
                     len(opened), batch, b, process_index=self._process_index, process_count=self._process_count
                 )
-                pending = self._path.submit_eval(opened, indices, with_raw)
+                pending = self._path.submit_eval(opened, indices, with_raw, crops)
                 yield _Pending(lambda pending=pending, mask=mask: {**pending.result(), "mask": mask}, pending.cancel)
 
         return prefetch.prefetch(_ahead(host_batches()), self._sharding, batch,

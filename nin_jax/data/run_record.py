@@ -1,7 +1,8 @@
 """What a run keeps of its data in the workdir, so that it can be evaluated and used without the dataset.
 
 Training writes, at its first start, `preprocessing.npz` (the fitted normaliser: per-channel statistics or
-the GCN+ZCA matrix) and `dataset.json` (class names, model input shape, how evaluation fits an image to it).
+the GCN+ZCA matrix) and `dataset.json` (class names, model input shape, how evaluation fits an image to it:
+`per_example`, `eval_resize` and `eval_resize_mode`, which a record older than that field lacks: short_side).
 A resumed run normalises with the saved statistics instead of refitting them, and evaluation, prediction,
 analysis and export read both files instead of the training split.
 """
@@ -26,7 +27,9 @@ class RunData:
     class_names: tuple[str, ...]
     image_shape: tuple[int, int, int]  # the model input (H, W, C)
     per_example: bool  # large images fitted by resize + center crop (else resized whole)
-    eval_resize: int  # the short side before the center crop, when `per_example`
+    eval_resize: int  # the short side (or the square's side) before the center crop, when `per_example`
+    # config.augment.eval_resize_mode: short_side | square; records written before it existed are short_side.
+    eval_resize_mode: str = "short_side"
 
 
 def save(workdir: str | epath.Path, pipeline: loader.Pipeline, config: ml_collections.ConfigDict) -> None:
@@ -37,6 +40,7 @@ def save(workdir: str | epath.Path, pipeline: loader.Pipeline, config: ml_collec
     (workdir / DATASET_FILE).write_text(json.dumps({
         "dataset": config.dataset, "class_names": list(info.class_names), "image_shape": list(info.image_shape),
         "per_example": loader.uses_per_example(config), "eval_resize": int(config.augment.eval_resize),
+        "eval_resize_mode": loader.eval_resize_mode(config),
     }, indent=1))
 
 
@@ -50,4 +54,5 @@ def load(workdir: str | epath.Path) -> RunData | None:
         normalizer=preprocessing.load_normalizer(workdir / PREPROCESSING_FILE),
         class_names=tuple(meta["class_names"]), image_shape=tuple(meta["image_shape"]),
         per_example=bool(meta["per_example"]), eval_resize=int(meta["eval_resize"]),
+        eval_resize_mode=str(meta.get("eval_resize_mode", "short_side")),
     )

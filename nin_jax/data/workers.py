@@ -42,13 +42,13 @@ class DecodePool:
             self._tasks_per_batch = 2 * threads  # threads share memory: small chunks cost nothing to hand over
 
     def submit(self, items: Sequence[Item], spec: decode.CropSpec) -> PendingBatch:
-        """Starts decoding ``items`` (in order) into one uint8 [len(items), size, size, C] array."""
+        """Starts decoding ``items`` (in order) into one uint8 [len(items), *spec.item_shape] array."""
         chunk = max(1, -(-len(items) // self._tasks_per_batch))
         starts = range(0, len(items), chunk)
         if self.workers:  # each worker returns its chunk, concatenated on arrival
             return PendingBatch([self._executor.submit(decode.decode_crops, items[i:i + chunk], spec) for i in starts])
         # Threads write their chunks straight into the batch.
-        batch = np.empty((len(items), spec.size, spec.size, spec.channels), np.uint8)
+        batch = np.empty((len(items), *spec.item_shape), np.uint8)
         return PendingBatch([self._executor.submit(decode.decode_crops, items[i:i + chunk], spec, batch[i:i + chunk])
                              for i in starts], batch)
 

@@ -39,7 +39,7 @@ from PIL import Image
 from nin_jax import checkpointing, data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
-from nin_jax.data import decode, run_record
+from nin_jax.data import decode, loader, run_record
 from nin_jax.runtime import quiet, record, recovery, remote
 
 CHECKPOINT_CHOICES = recovery.CHOICES
@@ -104,8 +104,9 @@ class InferenceState:
 def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: ml_collections.ConfigDict,
                       image_shape: Sequence[int], mesh: jax.sharding.Mesh, *,
                       warn: Callable[[str], None] | None = None) -> tuple[dict, int, str]:
-    """The {"params", "batch_stats"} of checkpoint `checkpoint` (latest | best | a step) in `workdir`, restored
-    replicated over `mesh` by `recovery.restore`; returns (variables, step, step directory)."""
+    """The {"params", "batch_stats"} of checkpoint `checkpoint` (latest | best | a step) in `workdir` (their
+    moving average when the run keeps one), restored replicated over `mesh` by `recovery.restore`; returns
+    (variables, step, step directory)."""
     ckpt_dir = epath.Path(workdir) / "checkpoints"
     if not ckpt_dir.exists():
         raise ConfigError(f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
@@ -121,8 +122,7 @@ def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: 
                                               best_metric=config.run.best_metric)
         finally:
             mngr.close()
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    return variables, step, str(ckpt_dir / str(step))
+    return train.inference_variables(state), step, str(ckpt_dir / str(step))
 
 
 # --------------------------------------------------------------------------------------------- images
@@ -136,9 +136,12 @@ class Preprocessing:
     image_shape: tuple[int, int, int]  # the model's input H, W, C
     class_names: tuple[str, ...]
     # How an image of another size becomes H x W: "resize" (the whole image, bilinear: in-memory datasets)
-    # or "center_crop" (short side to `eval_resize`, central H x W, bilinear: per-example decoding, ImageNet).
+    # or "center_crop" (resized by `eval_resize_mode`, central H x W: per-example decoding, ImageNet).
     fit: str = "resize"
     eval_resize: int = 256
+    # "center_crop" only: "short_side" (the short side to `eval_resize`, aspect kept) or "square" (warped to
+    # eval_resize x eval_resize, Caffe's protocol); config.augment.eval_resize_mode, docs/evaluation.md.
+    eval_resize_mode: str = "short_side"
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, config: ml_collections.ConfigDict) -> "Preprocessing":
@@ -148,16 +151,21 @@ class Preprocessing:
             class_names=tuple(pipeline.info.class_names),
             fit="center_crop" if data.uses_per_example(config) else "resize",
             eval_resize=int(config.augment.eval_resize),
+            eval_resize_mode=loader.eval_resize_mode(config),
         )
 
     @classmethod
     def from_record(cls, record: run_record.RunData) -> "Preprocessing":
         return cls(normalizer=record.normalizer, image_shape=record.image_shape, class_names=record.class_names,
-                   fit="center_crop" if record.per_example else "resize", eval_resize=record.eval_resize)
+                   fit="center_crop" if record.per_example else "resize", eval_resize=record.eval_resize,
+                   eval_resize_mode=record.eval_resize_mode)
 
     def describe_fit(self) -> str:
         h, w, c = self.image_shape
         colour = "grayscale (PIL mode L)" if c == 1 else "RGB"
+        if self.fit == "center_crop" and self.eval_resize_mode == "square":
+            return (f"{colour}; the image warped to {self.eval_resize}x{self.eval_resize} and the central {h}x{w} "
+                    "cropped (one resize of that box)")
         if self.fit == "center_crop":
             return (f"{colour}; the short side resized to {self.eval_resize} and the central {h}x{w} cropped "
                     "(one bilinear resize of that box)")
@@ -248,7 +256,8 @@ def load_images(images: Any, prep: Preprocessing) -> np.ndarray:
         else:
             encoded, name = _read_image(item), str(item)
         if prep.fit == "center_crop":
-            out.append(decode.decode_crop(encoded, name, h, c, rng=None, flip=False, eval_resize=prep.eval_resize))
+            out.append(decode.decode_crop(encoded, name, h, c, rng=None, flip=False, eval_resize=prep.eval_resize,
+                                          eval_resize_mode=prep.eval_resize_mode))
         else:
             out.append(decode.decode_full(encoded, name, c, h))
     return np.stack(out)
