@@ -19,7 +19,7 @@ The same seed-0 run with a moving average of the weights (`--config.optim.ema_de
 average) reached 63.16% against 63.32% without it (measured 2026-12-04 on a 2-core AMD EPYC; identical training
 losses): no gain where the cosine schedule already ends at an LR near 0. For 5 epochs (`--config.num_epochs=5`,
 seed 0, same machine) the run ended at 79.2% without the average and 78.9% with `ema_decay=0.998`; the average
-was 2-8 points ahead before the LR decayed (docs/notes/2026-12-04-cifar10-5-epochs.md, with curves). Longer
+was 1.5-7.5 points ahead before the LR decayed (docs/notes/2026-12-04-cifar10-5-epochs.md, with curves). Longer
 budgets were not measured here.
 
 Its first 2,000 steps (batch 128, LR 0.1 throughout, on `train[:45000]` of the CIFAR-10 JPEG folder,
