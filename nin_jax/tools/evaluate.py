@@ -142,9 +142,9 @@ def evaluate_checkpoint(workdir: str, split: str | None = None, checkpoint: str 
     logits are the mean of the 10 crops' logits); `resize` short_side | square (default: the run's
     config.augment.eval_resize_mode). See the module docstring and docs/evaluation.md.
     """
-    crops, resize = check_protocol(restore.load_saved_config(workdir, arch=arch), crops, resize)
     run, pipeline = restore_for_evaluation(workdir, checkpoint=checkpoint, arch=arch, data_dir=data_dir,
                                            crops=crops, resize=resize)
+    crops, resize = check_protocol(run.config, crops, resize)  # as restore_for_evaluation resolved them
     batches = eval_batches(pipeline, split, crops=crops)
     model = run.model if crops == 1 else _MeanOverCrops(run.model)
     p_eval_step = train.make_eval_step(model, run.num_classes, run.mesh)
