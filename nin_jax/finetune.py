@@ -24,7 +24,7 @@ from flax import traverse_util
 from nin_jax import models
 from nin_jax.config import ConfigError
 from nin_jax.data import run_record
-from nin_jax.runtime import record, remote
+from nin_jax.runtime import record, recovery, remote
 
 
 def _source(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, run_record.RunData]:
@@ -73,13 +73,15 @@ def _merge(fresh: Any, loaded: Any, head: tuple[tuple[str, ...], ...], where: st
 def initialize(config: ml_collections.ConfigDict, state: Any, model: models.NIN,
                mesh: jax.sharding.Mesh) -> tuple[Any, dict[str, Any]]:
     """`state` (fresh) with the weights of `config.init_from`, and what was taken, for results.json."""
-    from nin_jax.tools import restore  # pylint: disable=g-import-not-at-top  (it imports nin_jax.train)
+    from nin_jax import train  # pylint: disable=g-import-not-at-top  (it imports this module)
 
     saved, data = _source(config)
     where = f"config.init_from={config.init_from}"
     theirs = models.create_model(saved.model, len(data.class_names))
-    variables, step, _ = restore.restore_variables(config.init_from, str(config.init_checkpoint), theirs, saved,
-                                                   data.image_shape, mesh)
+    target = train.abstract_train_state(saved, theirs, tuple(data.image_shape), None, mesh)
+    saved_state, step, _ = recovery.restore_readonly(config.init_from, target, str(config.init_checkpoint),
+                                                     best_metric=saved.run.best_metric)
+    variables = train.inference_variables(saved_state)
     head = models.class_count_paths(model)
     params, fresh = _merge(state.params, variables["params"], head, where)
     stats, fresh_stats = _merge(state.batch_stats, variables.get("batch_stats", {}), head, where)

@@ -27,6 +27,7 @@ from etils import epath
 
 from nin_jax import checkpointing
 from nin_jax.config import ConfigError
+from nin_jax.runtime import quiet
 from nin_jax.runtime.record import exception_chain
 
 CHOICES = "latest | best | best:<metric> | a step number"
@@ -228,3 +229,24 @@ def reading_quietly():
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+def restore_readonly(workdir: str, target: Any, checkpoint: str = "latest", *,
+                     warn: Callable[[str], None] | None = None,
+                     best_metric: str = checkpointing.BEST_METRIC) -> tuple[Any, int, str]:
+    """(state, step, step directory) of `checkpoint` of the run in `workdir`, read by the tools and by
+    fine-tuning with `restore`'s policy; nothing in the workdir is modified."""
+    ckpt_dir = epath.Path(workdir) / "checkpoints"
+    if not ckpt_dir.exists():
+        raise ConfigError(f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
+                          "(train longer, or lower config.run.checkpoint_every_steps).")
+    if not ckpt_dir.is_dir():
+        raise ConfigError(f"{ckpt_dir} is a file, not the run's checkpoint directory; restore the checkpoints there.")
+    quiet.install()
+    with reading_quietly():
+        mngr = checkpointing.create_manager(ckpt_dir, keep=1, read_only=True)
+        try:
+            state, _, step = restore(mngr, target, str(checkpoint), warn=warn, best_metric=best_metric)
+        finally:
+            mngr.close()
+    return state, step, str(ckpt_dir / str(step))

@@ -36,11 +36,11 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from nin_jax import checkpointing, data, mesh as mesh_lib, models, train
+from nin_jax import data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
 from nin_jax.data import decode, loader, run_record
-from nin_jax.runtime import quiet, record, recovery, remote
+from nin_jax.runtime import record, recovery, remote
 
 CHECKPOINT_CHOICES = recovery.CHOICES
 _GRAY_MODES = ("1", "L", "I", "I;16", "F")
@@ -105,24 +105,12 @@ def restore_variables(workdir: str, checkpoint: str, model: models.NIN, config: 
                       image_shape: Sequence[int], mesh: jax.sharding.Mesh, *,
                       warn: Callable[[str], None] | None = None) -> tuple[dict, int, str]:
     """The {"params", "batch_stats"} of checkpoint `checkpoint` (latest | best | a step) in `workdir` (their
-    moving average when the run keeps one), restored replicated over `mesh` by `recovery.restore`; returns
-    (variables, step, step directory)."""
-    ckpt_dir = epath.Path(workdir) / "checkpoints"
-    if not ckpt_dir.exists():
-        raise ConfigError(f"no checkpoint in {ckpt_dir}: the run in --workdir={workdir} has not saved one yet "
-                          "(train longer, or lower config.run.checkpoint_every_steps).")
-    if not ckpt_dir.is_dir():
-        raise ConfigError(f"{ckpt_dir} is a file, not the run's checkpoint directory; restore the checkpoints there.")
-    quiet.install()
+    moving average when the run keeps one), restored replicated over `mesh` by `recovery.restore_readonly`;
+    returns (variables, step, step directory)."""
     target = train.abstract_train_state(config, model, tuple(image_shape), None, mesh)
-    with recovery.reading_quietly():
-        mngr = checkpointing.create_manager(ckpt_dir, keep=1, read_only=True)
-        try:
-            state, _, step = recovery.restore(mngr, target, str(checkpoint), warn=warn,
-                                              best_metric=config.run.best_metric)
-        finally:
-            mngr.close()
-    return train.inference_variables(state), step, str(ckpt_dir / str(step))
+    state, step, path = recovery.restore_readonly(workdir, target, str(checkpoint), warn=warn,
+                                                  best_metric=config.run.best_metric)
+    return train.inference_variables(state), step, path
 
 
 # --------------------------------------------------------------------------------------------- images
