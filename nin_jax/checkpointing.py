@@ -24,6 +24,8 @@ def metric_score(name: str) -> Any:
     """Checkpoint metrics -> a score, higher is better: `name`'s value (negated for a loss), -inf without it."""
     sign = -1.0 if name.endswith("loss") else 1.0
     return lambda metrics: sign * float(metrics[name]) if name in (metrics or {}) else -float("inf")
+
+
 DIGEST_KEY = "state_sha256"  # in each step's meta
 
 
@@ -86,20 +88,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None
               force=True)
 
 
-def _names(path: tuple) -> tuple[str, ...]:
+def leaf_names(path: tuple) -> tuple[str, ...]:
+    """The keys of a tree path as strings, e.g. ("params", "block1", "conv", "kernel")."""
     return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
-
-
-def nonfinite_leaves(tree: Any) -> list[tuple[str, int, int]]:
-    """(path, non-finite count, size) of every floating-point array of `tree` holding a NaN or an infinity."""
-    found = []
-    for path, value in jax.tree_util.tree_leaves_with_path(tree):
-        value = np.asarray(jax.device_get(value))
-        if np.issubdtype(value.dtype, np.inexact):
-            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
-            if bad:
-                found.append(("/".join(_names(path)), bad, int(value.size)))
-    return found
 
 
 def check_step(mngr: ocp.CheckpointManager, step: int, target: Any) -> None:
@@ -114,11 +105,11 @@ def check_step(mngr: ocp.CheckpointManager, step: int, target: Any) -> None:
         saved = mngr.item_metadata(step)["state"].tree
     except (ValueError, TypeError, AttributeError) as e:
         raise CorruptCheckpointError(f"the metadata in {step_dir} cannot be parsed ({type(e).__name__})") from e
-    shapes = {_names(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(saved)}
+    shapes = {leaf_names(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(saved)}
     problems = []
     for path, want in jax.tree_util.tree_leaves_with_path(target):
-        have = shapes.pop(_names(path), None)
-        where = "/".join(_names(path))
+        have = shapes.pop(leaf_names(path), None)
+        where = "/".join(leaf_names(path))
         if have is None:
             problems.append(f"{where} is missing")
         elif have != tuple(want.shape):

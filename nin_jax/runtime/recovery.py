@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -174,6 +175,18 @@ def restore(mngr: ocp.CheckpointManager, target: Any, checkpoint: str = "latest"
                           "good copy of the checkpoints, or use a new --workdir.")
 
 
+def nonfinite_leaves(tree: Any) -> list[tuple[str, int, int]]:
+    """(path, non-finite count, size) of every floating-point array of `tree` holding a NaN or an infinity."""
+    found = []
+    for path, value in jax.tree_util.tree_leaves_with_path(tree):
+        value = np.asarray(jax.device_get(value))
+        if np.issubdtype(value.dtype, np.inexact):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                found.append(("/".join(checkpointing.leaf_names(path)), bad, int(value.size)))
+    return found
+
+
 def _check_finite(mngr: ocp.CheckpointManager, step: int, state: Any, training: bool) -> None:
     """Refuses a step whose parameters or BatchNorm statistics hold NaN or infinities.
 
@@ -181,7 +194,7 @@ def _check_finite(mngr: ocp.CheckpointManager, step: int, state: Any, training: 
     another program or by hand, and the caller must choose what to use instead.
     """
     variables = {k: getattr(state, k) for k in ("params", "batch_stats") if hasattr(state, k)}
-    bad = checkpointing.nonfinite_leaves(variables or state)
+    bad = nonfinite_leaves(variables or state)
     if not bad:
         return
     path = epath.Path(mngr.directory) / str(step)
