@@ -53,6 +53,16 @@ SRUN_2 = {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_N
           "SLURM_LOCALID": "0"}
 
 
+@pytest.mark.parametrize("nodelist", ["node001", "node001,host2", "node[001-015],host2", "node[001,007-015],host2"])
+@pytest.mark.parametrize("port", [None, "1234"])
+def test_a_join_timeout_names_the_coordinator_that_jax_connects_to(nodelist, port, monkeypatch):
+    env = {**SRUN_2, "SLURM_STEP_NODELIST": nodelist, **({"JAX_COORDINATOR_PORT": port} if port else {})}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    expected = _jax_cluster_types()["slurm"].get_coordinator_address(None, port)
+    assert cluster._job("slurm", env) == ("process 1 of 2", expected)
+
+
 @pytest.mark.parametrize("env,found,call", [
     ({}, None, None),
     ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1", **SRUN_2},

@@ -146,22 +146,33 @@ def _check_port_free(port: int) -> None:
                 "JAX_COORDINATOR_ADDRESS otherwise).") from None
 
 
-def _join(how: str, timeout: int, heartbeat: int, *args: object, **kwargs: object) -> None:
+def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM host list ('gpu[03-04,07],cpu1' -> 'gpu03'): where jax's SLURM detector puts
+    the coordinator."""
+    prefix, _, ranges = nodelist.split(",", 1)[0].partition("[")  # 'gpu[03-04' -> 'gpu', '03-04'
+    return prefix + ranges.split("-", 1)[0].rstrip("]")
+
+
+def _job(how: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """(this process, the coordinator) as a timeout message names them, from what jax reads to find them."""
+    if how == "slurm":
+        port = _coordinator_port("slurm", {k: v for k, v in env.items() if k != "JAX_COORDINATOR_BIND_ADDRESS"})
+        return (f"process {env['SLURM_PROCID']} of {env['SLURM_NTASKS']}",
+                f"{_first_slurm_host(env['SLURM_STEP_NODELIST'])}:{port}")
+    if how == "ompi":
+        return (f"process {env.get('OMPI_COMM_WORLD_RANK', '?')} of {env['OMPI_COMM_WORLD_SIZE']}",
+                "the mpirun host (OMPI_MCA_orte_hnp_uri)")
+    return "this process", "worker 0 of the TPU slice"
+
+
+def _join(how: str, timeout: int, heartbeat: int, who: str, address: str, *args: object, **kwargs: object) -> None:
     """`jax.distributed.initialize(*args, **kwargs)`, or, when not every process has joined within `timeout`
-    seconds, one line `error: ...` naming the coordinator and the process count, and exit status 1."""
+    seconds, one line `error: ...` naming `who` (this process), the coordinator `address`, and exit status 1."""
     joined = threading.Event()
 
     def give_up() -> None:
         if joined.wait(timeout):
             return
-        # jax has no public accessor for the coordinator and process count it settled on (it may have
-        # detected them); its global state has them once the client starts connecting.
-        from jax._src import distributed  # pylint: disable=g-import-not-at-top
-
-        state = distributed.global_state
-        address = getattr(state, "coordinator_address", None) or "(not yet known)"
-        count, pid = getattr(state, "num_processes", None), getattr(state, "process_id", None)
-        who = f"process {pid} of {count}" if count else "this process"
         print(f"error: {who} ({how}) waited {timeout} s for every process of the job to reach the coordinator at "
               f"{address}, and not all did; start all of them within {timeout} s of each other, check that "
               f"{address} is reachable from here, or raise {INIT_TIMEOUT_VAR} (seconds).", file=sys.stderr, flush=True)
@@ -204,18 +215,19 @@ def maybe_initialize_distributed(env: Mapping[str, str] = os.environ) -> str | N
         port = _coordinator_port("explicit", env) if pid == 0 else None
         if port is not None:
             _check_port_free(port)
-        _join("JAX_COORDINATOR_ADDRESS", timeout, heartbeat, address, count, pid, cluster_detection_method="deactivate")
+        _join("JAX_COORDINATOR_ADDRESS", timeout, heartbeat, f"process {pid} of {count}", address, address, count, pid,
+              cluster_detection_method="deactivate")
         return "explicit"
     cluster = _multi_process_cluster(env)
     if cluster is not None:
         port = _coordinator_port(cluster, env) if cluster == "slurm" and int(env["SLURM_PROCID"]) == 0 else None
         if port is not None:
             _check_port_free(port)
-        _join(cluster, timeout, heartbeat, cluster_detection_method=cluster)
+        _join(cluster, timeout, heartbeat, *_job(cluster, env), cluster_detection_method=cluster)
         return cluster
     if importlib.util.find_spec("libtpu") is not None:
         try:
-            _join("Cloud TPU", timeout, heartbeat)
+            _join("Cloud TPU", timeout, heartbeat, *_job("tpu", env))
         except (RuntimeError, ValueError) as e:
             logging.warning("jax.distributed.initialize() failed (%s); running as a single process.", e)
             return None
