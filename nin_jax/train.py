@@ -306,7 +306,7 @@ def setup(config: ml_collections.ConfigDict, session: workdir_lib.Session) -> Tr
     lr_fn = optim.create_learning_rate_fn(config, pipeline.steps_per_epoch, num_steps)
     session.record(pipeline.steps_per_epoch)
     if recorded is None and session.is_chief:
-        run_record.save(session.path, pipeline, config)
+        run_record.save(session.path, pipeline.normalizer, info.class_names, info.image_shape, config)
 
     restored = session.restore(abstract_train_state(config, model, info.image_shape, lr_fn, mesh))
     step, window = 0, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 
 import ml_collections
 from etils import epath
@@ -32,13 +33,14 @@ class RunData:
     eval_resize_mode: str = "short_side"
 
 
-def save(workdir: str | epath.Path, pipeline: loader.Pipeline, config: ml_collections.ConfigDict) -> None:
-    """Writes the run's data record into `workdir` (call on one process)."""
+def save(workdir: str | epath.Path, normalizer: preprocessing.Normalizer, class_names: Sequence[str],
+         image_shape: Sequence[int], config: ml_collections.ConfigDict) -> None:
+    """Writes the run's data record into `workdir` (call on one process): its normaliser, class names and model
+    input shape (a `Pipeline`'s `normalizer` and `info`), and how `config` fits an image to that input."""
     workdir = epath.Path(workdir)
-    preprocessing.save_normalizer(pipeline.normalizer, workdir / PREPROCESSING_FILE)
-    info = pipeline.info
+    preprocessing.save_normalizer(normalizer, workdir / PREPROCESSING_FILE)
     (workdir / DATASET_FILE).write_text(json.dumps({
-        "dataset": config.dataset, "class_names": list(info.class_names), "image_shape": list(info.image_shape),
+        "dataset": config.dataset, "class_names": list(class_names), "image_shape": list(image_shape),
         "per_example": loader.uses_per_example(config), "eval_resize": int(config.augment.eval_resize),
         "eval_resize_mode": loader.eval_resize_mode(config),
     }, indent=1))

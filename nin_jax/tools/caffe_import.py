@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import sys
-import types
 from typing import Any, Sequence
 
 import ml_collections
@@ -459,9 +458,10 @@ def _check_workdir(workdir: str) -> None:
                           "directory.")
 
 
-def _imagenet_record(config: ml_collections.ConfigDict, mean_bgr: Sequence[float]) -> Any:
-    """What `run_record.save` reads of a pipeline, for ImageNet without the dataset: the mean-pixel normaliser
-    and TFDS imagenet2012's class names (WordNet ids in sorted order, Caffe's synset order)."""
+def _imagenet_data(config: ml_collections.ConfigDict, mean_bgr: Sequence[float]) -> tuple[Any, tuple[str, ...],
+                                                                                      tuple[int, ...]]:
+    """(normaliser, class names, input shape) for ImageNet without the dataset: the mean-pixel normaliser and
+    TFDS imagenet2012's class names (WordNet ids in sorted order, Caffe's synset order)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     from nin_jax.data import preprocessing  # pylint: disable=g-import-not-at-top
@@ -474,21 +474,24 @@ def _imagenet_record(config: ml_collections.ConfigDict, mean_bgr: Sequence[float
     normalizer = preprocessing.Normalizer("standardize", {"mean": mean_rgb, "std": np.ones(3, np.float32)},
                                           config.gcn_scale)
     shape = tuple(architectures.PRESETS["nin_imagenet"]["input_shape"])
-    return types.SimpleNamespace(normalizer=normalizer, info=types.SimpleNamespace(class_names=names, image_shape=shape))
+    return normalizer, names, shape
 
 
-def _cifar_pipeline(config: ml_collections.ConfigDict, mesh: Any) -> Any:
-    """The data pipeline of a training run (`train.setup`): fits GCN + ZCA on config.train_split."""
+def _cifar_data(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Any, tuple[str, ...], tuple[int, ...]]:
+    """(normaliser, class names, input shape) of a training run's pipeline (`train.setup`), which fits GCN + ZCA
+    on config.train_split."""
     from nin_jax import data, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
 
     if not config.run.data_dir:
         raise ConfigError("--data_dir is required for nin_cifar10: the zoo's net reads GCN + ZCA whitened images, "
                           "fitted on CIFAR-10's training split (the TFDS data dir holding cifar10).")
     try:
-        return data.Pipeline(config, mesh_lib.data_sharding(mesh))
+        pipeline = data.Pipeline(config, mesh_lib.data_sharding(mesh))
     except FileNotFoundError as e:
         raise ConfigError(f"the dataset {config.dataset!r} cannot be read from --data_dir={config.run.data_dir} "
                           f"({type(e).__name__}: {e}).") from e
+    pipeline.close()
+    return pipeline.normalizer, pipeline.info.class_names, pipeline.info.image_shape
 
 
 def import_caffemodel(caffemodel: str, preset: str, workdir: str, *, config: ml_collections.ConfigDict | None = None,
@@ -513,14 +516,14 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str, *, config: ml_
     from nin_jax.runtime import record  # pylint: disable=g-import-not-at-top
 
     mesh = mesh_lib.create_mesh(jax.local_devices())
-    source = _imagenet_record(config, mean_bgr) if imagenet else _cifar_pipeline(config, mesh)
-    info = source.info
+    normalizer, class_names, image_shape = (_imagenet_data(config, mean_bgr) if imagenet
+                                            else _cifar_data(config, mesh))
     num_classes = architectures.PRESETS[preset]["num_classes"]
-    if len(info.class_names) != num_classes:
-        raise ConfigError(f"config.dataset={config.dataset!r} has {len(info.class_names)} classes, the {preset} "
+    if len(class_names) != num_classes:
+        raise ConfigError(f"config.dataset={config.dataset!r} has {len(class_names)} classes, the {preset} "
                           f"weights {num_classes}; use the dataset the weights were trained on.")
     model = models.create_model(config.model, num_classes)
-    image_shape = tuple(info.image_shape)
+    image_shape = tuple(image_shape)
     state = train.create_train_state(config, model, image_shape, optax.constant_schedule(0.0), mesh)
     fresh = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), jax.device_get(state.params))
     imported = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), params)
@@ -544,7 +547,7 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str, *, config: ml_
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     record.write_atomic(path / "config.json", config.to_json_best_effort(indent=2))
-    run_record.save(path, source, config)
+    run_record.save(path, normalizer, class_names, image_shape, config)
     mngr = checkpointing.create_manager(path / "checkpoints", keep=config.run.keep_checkpoints,
                                         best_metric=config.run.best_metric)
     try:
@@ -554,8 +557,6 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str, *, config: ml_
     finally:
         mngr.close()
     record.write_atomic(path / IMPORT_FILE, json.dumps(summary, indent=1))
-    if not imagenet:
-        source.close()
     return summary
 
 
