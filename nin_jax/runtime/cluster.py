@@ -112,6 +112,11 @@ def _multi_process_cluster(env: Mapping[str, str]) -> str | None:
     return None
 
 
+def _slurm_port(env: Mapping[str, str]) -> str:
+    """The port of a SLURM job's coordinator, as jax picks it."""
+    return env.get("JAX_COORDINATOR_PORT") or str(int(env["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE + _SLURM_PORT_BASE)
+
+
 def _coordinator_port(cluster: str, env: Mapping[str, str]) -> int | None:
     """The port process 0 will host the coordinator on, where known before jax starts (else None)."""
     if "JAX_COORDINATOR_BIND_ADDRESS" in env:
@@ -119,7 +124,7 @@ def _coordinator_port(cluster: str, env: Mapping[str, str]) -> int | None:
     if cluster == "explicit":
         port = env["JAX_COORDINATOR_ADDRESS"].rpartition(":")[2]
     elif cluster == "slurm":
-        port = env.get("JAX_COORDINATOR_PORT") or str(int(env["SLURM_JOB_ID"]) % _SLURM_PORT_RANGE + _SLURM_PORT_BASE)
+        port = _slurm_port(env)
     else:
         return None
     if not port.isdigit():
@@ -156,9 +161,8 @@ def _first_slurm_host(nodelist: str) -> str:
 def _job(how: str, env: Mapping[str, str]) -> tuple[str, str]:
     """(this process, the coordinator) as a timeout message names them, from what jax reads to find them."""
     if how == "slurm":
-        port = _coordinator_port("slurm", {k: v for k, v in env.items() if k != "JAX_COORDINATOR_BIND_ADDRESS"})
         return (f"process {env['SLURM_PROCID']} of {env['SLURM_NTASKS']}",
-                f"{_first_slurm_host(env['SLURM_STEP_NODELIST'])}:{port}")
+                f"{_first_slurm_host(env['SLURM_STEP_NODELIST'])}:{_slurm_port(env)}")
     if how == "ompi":
         return (f"process {env.get('OMPI_COMM_WORLD_RANK', '?')} of {env['OMPI_COMM_WORLD_SIZE']}",
                 "the mpirun host (OMPI_MCA_orte_hnp_uri)")
