@@ -172,10 +172,9 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
     """The block list for `config.model`, with the ablation switches applied.
 
     Order: preset (or `model.blocks`) -> `pool2` -> `mlp_layers` -> `width` -> class count on the last layer.
+    Each field holds a value `config.validate_model` accepts; `ConfigError` when the blocks do not fit together.
     """
     arch = model_cfg.arch
-    if arch not in PRESETS:
-        raise ConfigError(f"config.model.arch={arch!r} is unknown; choose one of {sorted(PRESETS)}.")
     spec = model_cfg.blocks
     if spec:
         blocks = parse_blocks(spec, num_classes)
@@ -184,17 +183,10 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
         blocks[-1] = dataclasses.replace(blocks[-1], widths=blocks[-1].widths[:-1] + (num_classes,))
 
     pool2 = model_cfg.pool2
-    if pool2 not in ("preset", "max", "avg"):
-        raise ConfigError(f"config.model.pool2={pool2!r}; choose 'preset', 'max' or 'avg'.")
     if pool2 != "preset" and len(blocks) > 1 and blocks[1].pool is not None:
         blocks[1] = dataclasses.replace(blocks[1], pool=pool2)
 
     n = model_cfg.mlp_layers
-    if not isinstance(n, int) or n < -1:
-        raise ConfigError(
-            f"config.model.mlp_layers={n!r} must be an integer >= 0 (number of 1x1 layers per block), "
-            "or -1 for the preset's."
-        )
     if n >= 0:
         blocks = [
             dataclasses.replace(b, widths=_with_mlp_layers(b.widths, n), init_std=_with_mlp_layers(b.init_std, n))
@@ -202,8 +194,6 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
         ]
 
     width = model_cfg.width
-    if not width > 0:
-        raise ConfigError(f"config.model.width={width!r} must be > 0 (a multiplier on the hidden channels).")
     if width != 1.0:
         last = len(blocks) - 1
         blocks = [
@@ -218,8 +208,6 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
         ]
 
     head = model_cfg.head
-    if head not in ("gap", "fc"):
-        raise ConfigError(f"config.model.head={head!r}; choose 'gap' or 'fc'.")
     if head == "gap" and blocks[-1].widths[-1] != num_classes:
         raise ConfigError(
             f"config.model.head='gap' needs the last layer to emit one map per class ({num_classes}), but the last "
@@ -227,8 +215,6 @@ def resolve_blocks(model_cfg: Any, num_classes: int) -> list[BlockSpec]:
         )
     if head == "fc":
         fc_input = model_cfg.fc_input
-        if fc_input not in ("class_maps", "features"):
-            raise ConfigError(f"config.model.fc_input={fc_input!r}; choose 'class_maps' or 'features'.")
         if fc_input == "features" and len(blocks[-1].widths) < 2:
             raise ConfigError(
                 "config.model.fc_input='features' drops the last block's class-map layer, but that block has no "

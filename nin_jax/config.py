@@ -211,7 +211,7 @@ def _is_number(value: object, integer: bool = False) -> bool:
 
 
 # (dotted field, integer?, predicate, the allowed range in words, an example fix). Every numeric field a user
-# sets; enumerations are checked where they are used (data, models, optim), also before anything is written.
+# sets; `validate` checks them with the enumerations of `_CHOICES`, before anything is read or written.
 _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
     ("batch_size", True, lambda v: v >= 1, ">= 1", "128"),
     ("run.eval_batch_size", True, lambda v: v >= 1, ">= 1", "512"),
@@ -247,20 +247,39 @@ _RANGES: tuple[tuple[str, bool, Callable[[float], bool], str, str], ...] = (
 )
 
 
-# (dotted field, its choices, what they mean): enumerations checked here too, before anything is written.
+# The values of every enumerated field: what the code that reads the field dispatches on.
+DATASETS = ("digits", "mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012", "image_folder")
+PREPROCESS_CHOICES = ("standardize", "gcn_zca", "gcn_lcn", "scale")
+PAD_MODES = ("zero", "reflect", "edge")  # numpy's constant-0, reflect (mirror without the edge) and edge modes
 EVAL_RESIZE_MODES = ("short_side", "square")
+RECIPES = ("caffe", "modern")
+PARALLELISM = ("jit", "shard_map")
+
+# (dotted field, its choices, what they mean), checked by `validate`; the first choice is the example fix.
 _CHOICES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("dataset", DATASETS, "the TFDS datasets, an image folder at run.data_dir, or the offline digits"),
+    ("preprocess", PREPROCESS_CHOICES, "per-channel statistics, the paper's GCN + ZCA (CIFAR), GCN + local contrast "
+     "normalisation (SVHN), or x / 255"),
+    ("augment.pad_mode", PAD_MODES, "the translation's border: the mean pixel, mirrored without the edge, the edge"),
     ("augment.eval_resize_mode", EVAL_RESIZE_MODES,
      "short_side: the short side to augment.eval_resize, aspect kept; square: warped to eval_resize x eval_resize"),
+    ("model.head", ("gap", "fc"), "global average pooling of the class maps, or a dense layer"),
+    ("model.fc_input", ("class_maps", "features"), "what the fc head reads: the class maps, or the last hidden layer"),
+    ("model.pool2", ("preset", "max", "avg"), "the second block's pooling"),
+    ("model.init", ("he", "caffe", "pytorch"),
+     "caffe: the original Gaussian stds; pytorch: U(+-1/sqrt(fan_in)), PyTorch's default"),
+    ("recipe", RECIPES, "caffe: the original solver; modern: cosine + warmup"),
+    ("run.parallelism", PARALLELISM, "sharded jit, or an explicit per-device step under shard_map with pmean"),
 )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the first field whose value is out of range, and a value that works.
 
-    Called by `nin_jax.train.train_and_evaluate` before anything is written. Checks every numeric field and the
-    syntax of `model.blocks`; whether the blocks fit the images is checked once the dataset's image size is
-    known (`architectures.layer_table`).
+    The one check of field values: the CLIs call it before anything is written, `data.Pipeline` before anything
+    is read, and `models.create_model` on the model section (`validate_model`). Checks every numeric and
+    enumerated field, the preset and the syntax of `model.blocks`; whether the blocks fit the images is checked
+    once the dataset's image size is known (`architectures.layer_table`). Fields a config lacks are skipped.
     """
     fields = flatten(config)
     for name, integer, ok, allowed, example in _RANGES:
@@ -295,10 +314,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if fields.get("num_train_steps", 1) <= 0 and not fields.get("num_epochs", 1) > 0:
         raise ConfigError(f"config.num_epochs={fields['num_epochs']!r} gives no training steps; set "
                           "config.num_epochs > 0 or config.num_train_steps > 0.")
-    if fields.get("model.blocks"):
+    if "model.arch" in fields:
         from nin_jax import architectures  # pylint: disable=g-import-not-at-top  (imports this module)
 
-        architectures.parse_blocks(fields["model.blocks"], num_classes=1)
+        if fields["model.arch"] not in architectures.PRESETS:
+            raise ConfigError(f"config.model.arch={fields['model.arch']!r} must be one of "
+                              f"{', '.join(sorted(architectures.PRESETS))}; set e.g. --config.model.arch=nin_cifar10.")
+        if fields.get("model.blocks"):
+            architectures.parse_blocks(fields["model.blocks"], num_classes=1)
+
+
+def validate_model(model_cfg: ml_collections.ConfigDict) -> None:
+    """`validate` of a `config.model` section on its own."""
+    validate(ml_collections.ConfigDict({"model": model_cfg}))
 
 
 def use_caffe_solver(config: ml_collections.ConfigDict, *, learning_rate: float, weight_decay: float,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from nin_jax import architectures
+from nin_jax import architectures, config as config_lib
 from nin_jax.architectures import BlockSpec
 from nin_jax.config import ConfigError, get_config
 
@@ -29,8 +29,7 @@ def _kernel_init(init: str, std: float) -> nn.initializers.Initializer:
         return nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
     if init == "pytorch":  # torch.nn.Conv2d/Linear's default, kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in))
         return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    raise ConfigError(f"config.model.init={init!r}; choose 'caffe' (the original Gaussian stds), 'he' or "
-                      "'pytorch' (U(+-1/sqrt(fan_in)), PyTorch's default).")
+    raise ValueError(f"unknown init {init!r}")  # `config.validate` names the field and its choices
 
 
 ModuleDef = Callable[..., nn.Module]
@@ -231,12 +230,8 @@ def create_model(model_cfg: ml_collections.ConfigDict, num_classes: int, *, dtyp
                  layers: Layers = Layers(), bn_axis_name: str | None = None) -> NIN:
     """The NIN described by `config.model` for `num_classes` classes, built from `layers`; bad fields raise
     `ConfigError` here."""
-    architectures.resolve_blocks(model_cfg, num_classes)  # validates the ablation fields
-    if not 0.0 <= model_cfg.fc_dropout < 1.0:
-        raise ConfigError(f"config.model.fc_dropout={model_cfg.fc_dropout!r} must be in [0, 1).")
-    if not 0.0 <= model_cfg.dropout_rate < 1.0:
-        raise ConfigError(f"config.model.dropout_rate={model_cfg.dropout_rate!r} must be in [0, 1).")
-    _kernel_init(model_cfg.init, 0.05)  # validates the name
+    config_lib.validate_model(model_cfg)
+    architectures.resolve_blocks(model_cfg, num_classes)  # blocks that fit together and end in the classes
     fields = dict(model_cfg)
     fields["init_scheme"] = fields.pop("init")
     return NIN(**fields, num_classes=num_classes, layers=layers, bn_axis_name=bn_axis_name, dtype=dtype)

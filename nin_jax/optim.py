@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from nin_jax.config import ConfigError
+from nin_jax.config import RECIPES, ConfigError
 
-RECIPES = ("caffe", "modern")
 MAX_WARMUP_FRACTION = 0.1  # of the run's steps
 
 

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 from config_helpers import with_overrides
-from nin_jax import architectures, config as config_lib, data, hardware, optim, train
+from nin_jax import architectures, config as config_lib, data, hardware, mesh as mesh_lib, models, optim, train
 from nin_jax.config import ConfigError
 
 CONFIGS = [("digits", None), ("default", None), ("cifar10", None), ("cifar10", "modern"), ("cifar100", None),
@@ -81,6 +81,28 @@ def test_out_of_range_field_is_one_line_naming_the_field_and_a_fix(field, value)
     message = str(error.value)
     assert f"config.{field}=" in message and "\n" not in message
     assert "set e.g. --config." in message
+
+
+@pytest.mark.parametrize("field", [
+    "dataset", "preprocess", "augment.pad_mode", "augment.eval_resize_mode", "model.arch", "model.head",
+    "model.fc_input", "model.pool2", "model.init", "recipe", "run.parallelism",
+])
+def test_an_unknown_choice_is_one_line_naming_the_field_its_choices_and_a_fix(field):
+    config = with_overrides(_load("digits", None), **{field.replace(".", "__"): "bogus"})
+    with pytest.raises(ConfigError) as error:
+        config_lib.validate(config)
+    message = str(error.value)
+    assert message.startswith(f"config.{field}='bogus' must be one of ") and "\n" not in message
+    assert "set e.g. --config." in message
+
+
+def test_the_data_and_the_model_check_their_fields_as_the_command_line_does(tmp_path):
+    config = with_overrides(_load("digits", None), augment__pad_mode="mirror")
+    with pytest.raises(ConfigError, match="config.augment.pad_mode='mirror' must be one of"):
+        data.Pipeline(config, mesh_lib.data_sharding(mesh_lib.create_mesh()))
+    config = with_overrides(_load("digits", None), model__pool2="median")
+    with pytest.raises(ConfigError, match="config.model.pool2='median' must be one of preset, max, avg"):
+        models.create_model(config.model, 10)
 
 
 @pytest.mark.parametrize("blocks, what", [

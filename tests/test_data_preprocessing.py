@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import signal
 
+from nin_jax import config as config_lib
 from nin_jax.config import ConfigError
 from nin_jax.data import preprocessing
 
@@ -114,9 +115,11 @@ def test_lecun_lcn_matches_pylearn2():
     assert gcn_lcn.shape == (4, 12, 12, 3) and np.isfinite(gcn_lcn).all()
 
 
-def test_unknown_method():
-    with pytest.raises(ConfigError, match="config.preprocess='pca'.*standardize"):
-        preprocessing.fitted_normalizer("pca", _random_images, cache_key={}, cache_dirs=[])
+def test_an_unknown_method_is_refused_naming_the_field_and_the_methods():
+    config = config_lib.get_config()
+    config.preprocess = "pca"
+    with pytest.raises(ConfigError, match="config.preprocess='pca' must be one of standardize, gcn_zca, gcn_lcn, scale"):
+        config_lib.validate(config)
 
 
 def test_normalizer_file_round_trip(tmp_path):

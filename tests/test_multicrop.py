@@ -277,7 +277,7 @@ def test_training_evaluation_and_the_pipeline_follow_the_config_mode(trained, tm
     tens = [_crops(path, "square", True) for path, _ in trained["images"]]
     assert all(any(np.array_equal(row, e) for e in tens) for row in ten)
     config.augment.eval_resize_mode = "warp"
-    with pytest.raises(ConfigError, match="eval_resize_mode='warp' is unknown"):
+    with pytest.raises(ConfigError, match="eval_resize_mode='warp' must be one of short_side, square"):
         data.Pipeline(config, jax.sharding.NamedSharding(mesh, jax.P("data")))
 
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nin_jax.config import EVAL_RESIZE_MODES, ConfigError
+from nin_jax import config as config_lib
+from nin_jax.config import ConfigError
 from nin_jax.data import decode, order, prefetch, preprocessing, sources, transforms
 from nin_jax.data import workers as workers_lib
 from nin_jax.data.cache import PROCESS_CACHE, Cache
@@ -46,14 +47,6 @@ class DatasetInfo:
     num_train_examples: int | None  # None for a Pipeline built with train=False
     num_eval_examples: int
     class_names: tuple[str, ...]
-
-
-def eval_resize_mode(config: ml_collections.ConfigDict) -> str:
-    """``config.augment.eval_resize_mode`` (short_side for a config that predates it); ConfigError if unknown."""
-    mode = config.augment.get("eval_resize_mode", "short_side")
-    if mode not in EVAL_RESIZE_MODES:
-        raise ConfigError(f"config.augment.eval_resize_mode={mode!r} is unknown; choose one of {EVAL_RESIZE_MODES}")
-    return mode
 
 
 def uses_per_example(config: ml_collections.ConfigDict) -> bool:
@@ -226,7 +219,7 @@ class _PerExample:
         self._size = config.image_size or _DEFAULT_LARGE_IMAGE_SIZE
         self._channels = source.channels
         self.image_shape = (self._size, self._size, self._channels)
-        self._eval_resize_mode = eval_resize_mode(config)
+        self._eval_resize_mode = config.augment.eval_resize_mode
         self.fit_method = (f"center crops of up to {_STANDARDIZE_FIT_EXAMPLES} evenly spaced examples, short side "
                            f"resized to {config.augment.eval_resize}")
         if self._eval_resize_mode != "short_side":  # (the default's text, and so its cached statistics, unchanged)
@@ -330,16 +323,7 @@ class Pipeline:
         cache: Cache | None = None,
         workers: int | None = None,
     ):
-        if config.preprocess not in preprocessing.PREPROCESS_CHOICES:
-            raise ConfigError(
-                f"config.preprocess={config.preprocess!r} is unknown; choose one of {preprocessing.PREPROCESS_CHOICES}"
-            )
-        eval_resize_mode(config)  # a known mode
-        if config.augment.pad_mode not in transforms.PAD_MODES:
-            raise ConfigError(f"config.augment.pad_mode={config.augment.pad_mode!r} is unknown; choose one of "
-                              f"{transforms.PAD_MODES}")
-        if not isinstance(config.seed, int) or config.seed < 0:
-            raise ConfigError(f"config.seed={config.seed!r} must be a non-negative integer")
+        config_lib.validate(config)  # every field's value, before anything is read
         if normalizer is not None and normalizer.method != config.preprocess:
             raise ConfigError(
                 f"the given normaliser is {normalizer.method!r} but config.preprocess={config.preprocess!r}; "

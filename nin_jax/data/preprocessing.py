@@ -36,7 +36,6 @@ from scipy import ndimage
 
 from nin_jax.config import ConfigError
 
-PREPROCESS_CHOICES = ("standardize", "gcn_zca", "gcn_lcn", "scale")
 # Methods whose statistics come from the training split (and are cached on disk).
 FITTED = ("standardize", "gcn_zca")
 _CACHE_VERSION = 1
@@ -281,14 +280,12 @@ def fitted_normalizer(
     """Returns the normalizer for ``method``, loading fitted statistics from the cache when present.
 
     Args:
-      method: one of ``PREPROCESS_CHOICES``.
+      method: one of `config.PREPROCESS_CHOICES`.
       fit_images: returns the uint8 training images to fit on; only called on a cache miss.
       cache_key: identifies the fit (dataset, split, image shape, data location); settings are added here.
       cache_dirs: candidate directories (local or ``gs://``) in order of preference (``None`` entries are
         skipped). The file is looked up in all of them and written to the first writable one.
     """
-    if method not in PREPROCESS_CHOICES:
-        raise ConfigError(f"config.preprocess={method!r} is unknown; choose one of {PREPROCESS_CHOICES}")
     if method not in FITTED:
         return Normalizer(method, gcn_scale=gcn_scale)
     key = dict(cache_key)

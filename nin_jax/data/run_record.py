@@ -42,7 +42,7 @@ def save(workdir: str | epath.Path, normalizer: preprocessing.Normalizer, class_
     (workdir / DATASET_FILE).write_text(json.dumps({
         "dataset": config.dataset, "class_names": list(class_names), "image_shape": list(image_shape),
         "per_example": loader.uses_per_example(config), "eval_resize": int(config.augment.eval_resize),
-        "eval_resize_mode": loader.eval_resize_mode(config),
+        "eval_resize_mode": config.augment.eval_resize_mode,
     }, indent=1))
 
 

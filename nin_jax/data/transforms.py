@@ -9,14 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 
-PAD_MODES = ("zero", "reflect", "edge")  # numpy's constant-0, reflect (mirror without the edge) and edge modes
-
-
 def translate_and_flip(
     images: np.ndarray, offset_y: np.ndarray, offset_x: np.ndarray, flip: np.ndarray, pad: int,
     pad_mode: str = "zero",
 ) -> np.ndarray:
-    """Pads [N, H, W, C] by ``pad`` (``pad_mode``, one of `PAD_MODES`), crops an HxW window at the offsets and
+    """Pads [N, H, W, C] by ``pad`` (``pad_mode``, one of `config.PAD_MODES`), crops an HxW window at the offsets and
     mirrors flagged rows."""
     n, h, w, c = images.shape
     mode = "constant" if pad_mode == "zero" else pad_mode

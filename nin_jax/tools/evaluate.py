@@ -34,7 +34,7 @@ import ml_collections
 
 from nin_jax import data, mesh as mesh_lib, train
 from nin_jax.config import EVAL_RESIZE_MODES, ConfigError
-from nin_jax.data import decode, loader, run_record
+from nin_jax.data import decode, run_record
 from nin_jax.cpu import hostenv
 from nin_jax.runtime import remote
 from nin_jax.tools import restore
@@ -64,7 +64,7 @@ def check_protocol(config: ml_collections.ConfigDict, crops: Any = 1,
                           "config.augment.eval_resize, aspect kept) or --resize=square (warped to eval_resize x "
                           "eval_resize, Caffe's protocol).")
     if data.uses_per_example(config):
-        return crops, resize or loader.eval_resize_mode(config)
+        return crops, resize or config.augment.eval_resize_mode
     small = (f"config.dataset={config.dataset!r} holds small images, decoded whole at the model's input size (only "
              "imagenet2012 and image_folder with augment.random_resized_crop are decoded per example)")
     if crops != 1:

@@ -39,7 +39,7 @@ from PIL import Image
 from nin_jax import data, mesh as mesh_lib, models, train
 from nin_jax.config import ConfigError
 from nin_jax.cpu import layers as cpu_layers
-from nin_jax.data import decode, loader, run_record
+from nin_jax.data import decode, run_record
 from nin_jax.runtime import record, recovery, remote
 
 CHECKPOINT_CHOICES = recovery.CHOICES
@@ -139,7 +139,7 @@ class Preprocessing:
             class_names=tuple(pipeline.info.class_names),
             fit="center_crop" if data.uses_per_example(config) else "resize",
             eval_resize=int(config.augment.eval_resize),
-            eval_resize_mode=loader.eval_resize_mode(config),
+            eval_resize_mode=config.augment.eval_resize_mode,
         )
 
     @classmethod
